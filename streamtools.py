@@ -730,6 +730,9 @@ class Consumer:
                 message.body = decode(message.data, message.content_type)
             except DecodeError as exc:  # no retry can fix a poison message
                 settled = True
+                # Dead-letter it as opaque bytes, so the dead-letter queue stays readable.
+                message.headers = {**message.headers, "x-original-content-type": message.content_type}
+                message.content_type = BINARY
                 await self._give_up(message, exc)
                 return
             while True:
@@ -1426,7 +1429,7 @@ class HTTPConsumer(Consumer):
     synchronous: the caller sees failures, retries are the producer's.
 
     :param host: address to listen on (default ``0.0.0.0``).
-    :param port: port (default 9000; 0 picks a free one).
+    :param port: port (default ``HTTP_PORT``, else 9000; 0 picks a free one).
     :param max_body: largest body accepted, in bytes (413 above).
     :param auth_token: require ``Authorization: Bearer <token>``; else ``HTTP_AUTH_TOKEN``.
     :param ssl_context: serve HTTPS.
@@ -1447,7 +1450,7 @@ class HTTPConsumer(Consumer):
         if any(c in queue_name for c in "/?#{}%"):
             raise ConfigError(f"an HTTP queue name is one path segment without / ? # {{ }} %, got {queue_name!r}")
         self.host = host or "0.0.0.0"
-        self.port = _number("port", 9000 if port is None else port, int, 0)
+        self.port = _number("port", _setting("HTTP_PORT", "9000") if port is None else port, int, 0)
         self.max_body = _number("max_body", max_body, int, 0)
         token = auth_token if auth_token is not None else os.environ.get("HTTP_AUTH_TOKEN")
         self._auth = f"Bearer {token}".encode() if token else None
@@ -2066,6 +2069,8 @@ async def bench(kind: str = MEMORY, n: int = 10000, size: int = 100, concurrency
         finally:
             reporter.cancel()
         elapsed = clock() - started
+        if progress:
+            progress(sent, len(latencies))
     finally:
         await producer.close()
         await consumer.stop()

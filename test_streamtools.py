@@ -1,0 +1,1342 @@
+"""Tests of streamtools, in the module's section order.
+
+Real servers, no mocks: RabbitMQ tests talk to the broker on 127.0.0.1:5672
+(guest/guest) and skip when it is down, unless STREAMTOOLS_REQUIRE_BROKER=1
+(set by .ci/run), where that is a failure; HTTP tests serve on loopback ports.
+The contract tests are parametrized over the transport registry, so every
+transport registered there meets them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import streamtools
+from streamtools import (
+    CONSUMER_LOOPS, CONSUMERS, HTTP, MEMORY, PRODUCERS, RABBITMQ, SSI, ConsumerFactory, ConsumerRunner,
+    current_message,
+)
+
+HERE = Path(__file__).resolve().parent
+RMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+#: Transports with a broker between producer and consumer (acks, retries, dead letters).
+BROKERS = [MEMORY, RABBITMQ]
+ALL = list(PRODUCERS)
+
+
+###############################################################################
+# Fixtures and helpers ########################################################
+###############################################################################
+
+
+def rabbitmq_available() -> None:
+    """Skip (or fail under STREAMTOOLS_REQUIRE_BROKER=1) without a broker."""
+    pytest.importorskip("aio_pika")
+    try:
+        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
+    except OSError as exc:
+        if os.environ.get("STREAMTOOLS_REQUIRE_BROKER") == "1":
+            pytest.fail(f"RabbitMQ is not answering on 127.0.0.1:5672 ({exc}) and STREAMTOOLS_REQUIRE_BROKER=1")
+        pytest.skip("RabbitMQ is not answering on 127.0.0.1:5672 (start it: rabbitmq-server -detached)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(HERE), PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+async def delete_queues(names: list[str]) -> None:
+    import aio_pika
+    connection = await aio_pika.connect(RMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        for name in names:
+            await channel.queue_delete(name)
+
+
+class Kit:
+    """Builds consumers and producers of one transport, wired to each other,
+    and cleans them up (RabbitMQ queues included)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.queue = f"st-test-{uuid.uuid4().hex[:10]}"
+        self.queues: set[str] = set()
+        self.consumers: list[streamtools.Consumer] = []
+        self.producers: list[streamtools.Producer] = []
+
+    @property
+    def brokered(self) -> bool:
+        return self.kind in BROKERS
+
+    def options(self) -> dict[str, Any]:
+        return {"url": RMQ_URL} if self.kind == RABBITMQ else {}
+
+    def consumer(self, queue: str | None = None, **options: Any) -> streamtools.Consumer:
+        queue = queue or self.queue
+        self.queues.update((queue, f"{queue}.dead"))
+        if self.kind == HTTP:
+            options.setdefault("host", "127.0.0.1")
+            options.setdefault("port", 0)
+        consumer = CONSUMER_LOOPS[self.kind](queue, **{**self.options(), **options})
+        self.consumers.append(consumer)
+        return consumer
+
+    async def producer(self, target: streamtools.Consumer | str | None = None, **options: Any) -> streamtools.Producer:
+        if isinstance(target, streamtools.HTTPConsumer):
+            options.setdefault("endpoint", target.url)
+            queue = target.queue_name
+        else:
+            queue = target.queue_name if isinstance(target, streamtools.Consumer) else (target or self.queue)
+        self.queues.add(queue)
+        producer = PRODUCERS[self.kind](queue, **{**self.options(), **options})
+        self.producers.append(producer)
+        await producer.a_init()
+        return producer
+
+    async def close(self) -> None:
+        for consumer in self.consumers:
+            await consumer.stop(timeout=1)
+        for producer in self.producers:
+            await producer.close()
+        if self.kind == RABBITMQ:
+            await delete_queues(sorted(self.queues))
+
+
+@pytest.fixture(params=ALL)
+async def kit(request: pytest.FixtureRequest) -> Any:
+    if request.param == RABBITMQ:
+        rabbitmq_available()
+    if request.param == HTTP:
+        pytest.importorskip("aiohttp")
+    kit = Kit(request.param)
+    yield kit
+    await kit.close()
+
+
+@pytest.fixture(params=BROKERS)
+async def broker_kit(request: pytest.FixtureRequest) -> Any:
+    if request.param == RABBITMQ:
+        rabbitmq_available()
+    kit = Kit(request.param)
+    yield kit
+    await kit.close()
+
+
+@pytest.fixture
+async def rmq() -> Any:
+    rabbitmq_available()
+    kit = Kit(RABBITMQ)
+    yield kit
+    await kit.close()
+
+
+@pytest.fixture
+async def http() -> Any:
+    pytest.importorskip("aiohttp")
+    kit = Kit(HTTP)
+    yield kit
+    await kit.close()
+
+
+async def spawn(script: str, tmp_path: Path, *args: str, **env: str) -> asyncio.subprocess.Process:
+    path = tmp_path / f"child_{uuid.uuid4().hex[:6]}.py"
+    path.write_text(textwrap.dedent(script))
+    return await asyncio.create_subprocess_exec(sys.executable, str(path), *args, env=child_env(**env),
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def wait_healthy(port: int, timeout: float = 15.0) -> None:
+    import aiohttp
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing healthy on port {port} after {timeout}s")
+            await asyncio.sleep(0.05)
+
+
+###############################################################################
+# Constants, settings and errors ##############################################
+###############################################################################
+
+
+class TestNames:
+    def test_legacy_constants(self) -> None:
+        assert streamtools.MEMORY == streamtools.ASYNCIO == "AsyncIOHandler"
+        assert streamtools.RABBITMQ == "RMQIOHandler"
+        assert streamtools.HTTP == "HTTPHandler"
+        assert CONSUMERS is CONSUMER_LOOPS
+
+    @pytest.mark.parametrize("alias,name", [
+        ("memory", MEMORY), ("ASYNCIO", MEMORY), ("inproc", MEMORY), ("asynciohandler", MEMORY),
+        ("rabbitmq", RABBITMQ), ("RMQ", RABBITMQ), ("amqp", RABBITMQ), ("Http", HTTP)])
+    def test_aliases_are_case_insensitive(self, alias: str, name: str) -> None:
+        assert PRODUCERS[alias] is PRODUCERS[name]
+        assert CONSUMER_LOOPS[alias] is CONSUMER_LOOPS[name]
+        assert alias in PRODUCERS
+
+    def test_unknown_transport_lists_valid_names(self) -> None:
+        with pytest.raises(KeyError) as info:
+            PRODUCERS["KafkaHandler"]
+        message = str(info.value)
+        assert "KafkaHandler" in message
+        for name in (MEMORY, RABBITMQ, HTTP, "rabbitmq", "memory", "http"):
+            assert name in message
+        assert isinstance(info.value, streamtools.ConfigError)
+        assert "kafka" not in PRODUCERS
+        assert PRODUCERS.get("kafka") is None
+
+    def test_register_transport(self) -> None:
+        class LoudProducer(streamtools.MemoryProducer):
+            pass
+
+        class LoudConsumer(streamtools.MemoryConsumer):
+            pass
+
+        streamtools.register_transport("LoudHandler", LoudProducer, LoudConsumer, aliases=("loud",))
+        try:
+            assert PRODUCERS["LOUD"] is LoudProducer
+            assert CONSUMERS["loudhandler"] is LoudConsumer
+        finally:
+            for registry in (PRODUCERS, CONSUMER_LOOPS):
+                dict.pop(registry, "LoudHandler")
+                registry.aliases.pop("loud")
+                registry.aliases.pop("loudhandler")
+        with pytest.raises(streamtools.ConfigError, match="must subclass streamtools.Producer"):
+            streamtools.register_transport("Bad", dict, LoudConsumer)  # type: ignore[arg-type]
+        with pytest.raises(streamtools.ConfigError, match="must subclass streamtools.Consumer"):
+            streamtools.register_transport("Bad", LoudProducer, object)  # type: ignore[arg-type]
+
+
+class TestConfigErrors:
+    @pytest.mark.parametrize("kind", ALL)
+    @pytest.mark.parametrize("name", ["", "  ", None, 42, "has space"])
+    def test_bad_queue_name(self, kind: str, name: Any) -> None:
+        pytest.importorskip("aio_pika" if kind == RABBITMQ else "aiohttp" if kind == HTTP else "json")
+        with pytest.raises(streamtools.ConfigError, match="queue name"):
+            PRODUCERS[kind](name)
+        with pytest.raises(streamtools.ConfigError, match="queue name"):
+            CONSUMER_LOOPS[kind](name)
+
+    @pytest.mark.parametrize("option,value,expected", [
+        ("prefetch", 0, "prefetch must be at least 1"), ("prefetch", "many", "prefetch must be a number"),
+        ("max_retries", -1, "max_retries must be at least 0"), ("drain_timeout", -5, "drain_timeout")])
+    def test_bad_consumer_option(self, option: str, value: Any, expected: str) -> None:
+        with pytest.raises(streamtools.ConfigError, match=expected):
+            CONSUMER_LOOPS[MEMORY]("q", **{option: value})
+
+    def test_unknown_option_is_a_type_error_naming_it(self) -> None:
+        with pytest.raises(TypeError, match="prefech"):
+            CONSUMER_LOOPS[MEMORY]("q", prefech=3)
+
+    def test_bad_rabbitmq_url_never_shows_the_password(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        pytest.importorskip("aio_pika")
+        with pytest.raises(streamtools.ConfigError) as info:
+            PRODUCERS[RABBITMQ]("q", url="http://admin:s3cret-pw@127.0.0.1:5672/")
+        assert "amqp://" in str(info.value) and "s3cret-pw" not in str(info.value)
+        monkeypatch.setenv("RMQ_PORT", "not-a-port")
+        with pytest.raises(streamtools.ConfigError, match="RMQ_PORT must be a number"):
+            PRODUCERS[RABBITMQ]("q")
+        with pytest.raises(streamtools.ConfigError, match="quorum"):
+            CONSUMER_LOOPS[RABBITMQ]("q", url=RMQ_URL, queue_type="stream")
+
+    def test_bad_http_settings(self) -> None:
+        pytest.importorskip("aiohttp")
+        with pytest.raises(streamtools.ConfigError, match="http:// or https://"):
+            PRODUCERS[HTTP]("q", endpoint="ftp://127.0.0.1/q")
+        with pytest.raises(streamtools.ConfigError, match="path segment"):
+            CONSUMER_LOOPS[HTTP]("a/b")
+        consumer = CONSUMER_LOOPS[HTTP]("q")
+        with pytest.raises(streamtools.ConfigError, match="method must be"):
+            consumer(method="FETCH")
+
+    async def test_bad_flags_and_bodies_lose_nothing(self) -> None:
+        consumer = CONSUMER_LOOPS[MEMORY]("q")
+        received: list[Any] = []
+        consumer()(received.append)
+        async with consumer, PRODUCERS[MEMORY]("q") as producer:
+            with pytest.raises(streamtools.ConfigError, match="unknown flag.*priorty"):
+                await producer.send({"a": 1}, priorty=3)
+            with pytest.raises(streamtools.ConfigError, match="headers_tag must be one of"):
+                await producer.send({"a": 1}, headers_tag="XML")
+            with pytest.raises(streamtools.EncodeError, match="cannot encode object as JSON"):
+                await producer.send(object())
+            with pytest.raises(streamtools.EncodeError, match="NaN|Out of range"):
+                await producer.send({"x": float("nan")})
+            # Flags of another transport are accepted, so agnostic code can pass them.
+            await producer.send({"ok": True}, method="POST")
+            await until(lambda: received, what="the good message")
+            await asyncio.sleep(0.05)
+        assert received == [{"ok": True}]
+
+    async def test_handler_registration_errors(self) -> None:
+        consumer = CONSUMER_LOOPS[MEMORY]("q")
+        with pytest.raises(streamtools.ConfigError, match="no handler for queue 'q'"):
+            await consumer.start()
+
+        @consumer()
+        async def first(msg: Any) -> None:
+            pass
+
+        with pytest.raises(streamtools.ConfigError, match="already has a handler"):
+            @consumer()
+            async def second(msg: Any) -> None:
+                pass
+
+        with pytest.raises(streamtools.ConfigError, match="unknown flag"):
+            consumer(methd="GET")
+        assert consumer.handlers == [first]
+
+
+###############################################################################
+# Messages ####################################################################
+###############################################################################
+
+
+class TestEncoding:
+    @pytest.mark.parametrize("body,content_type", [
+        ({"a": [1, 2.5, None, True]}, streamtools.JSON), ([1, "x"], streamtools.JSON), (7, streamtools.JSON),
+        (None, streamtools.JSON), ("héllo", streamtools.TEXT), (b"\x00\xff", streamtools.BINARY)])
+    def test_round_trip(self, body: Any, content_type: str) -> None:
+        data, ctype = streamtools.encode(body)
+        assert ctype == content_type
+        assert streamtools.decode(data, ctype) == body
+
+    def test_named_content_types(self) -> None:
+        assert streamtools.encode({"a": 1}, SSI) == (b'{"a":1}', SSI)
+        assert streamtools.decode(b'{"a":1}', "application/vnd.api+json") == {"a": 1}
+        assert streamtools.encode("é", "text/plain; charset=latin-1") == (b"\xe9", "text/plain; charset=latin-1")
+        assert streamtools.decode(b"\xe9", "text/plain; charset=latin-1") == "é"
+        assert streamtools.encode(b'{"raw":1}', streamtools.JSON)[0] == b'{"raw":1}'
+
+    def test_decode_errors_say_what_is_wrong(self) -> None:
+        with pytest.raises(streamtools.DecodeError, match="not valid application/json"):
+            streamtools.decode(b"{nope", streamtools.JSON)
+        with pytest.raises(streamtools.DecodeError):
+            streamtools.decode(b"\xff\xfe\xfa", "text/plain; charset=utf-8")
+
+    def test_current_message_outside_a_handler(self) -> None:
+        with pytest.raises(LookupError, match="only available while a handler runs"):
+            current_message()
+
+
+###############################################################################
+# Contract tests, over every registered transport #############################
+###############################################################################
+
+BODIES: list[Any] = [{"a": 1, "nested": {"list": [1, 2.5, None, True]}}, [1, "two", 3.0], 42, 3.5, True, None,
+                     "héllo wörld ✓", "", b"\x00\xffbinary", b"", {"unicode": "✓ ünï"}]
+
+
+class TestContract:
+    async def test_round_trip_of_every_body_type(self, kit: Kit) -> None:
+        received: dict[int, tuple[Any, streamtools.Message]] = {}
+        consumer = kit.consumer()
+
+        @consumer()
+        async def handler(msg: Any) -> None:
+            message = current_message()
+            received[int(message.headers["X-Index"])] = (msg, message)
+
+        await consumer.start()
+        producer = await kit.producer(consumer)
+        for index, body in enumerate(BODIES):
+            assert await producer.send(body, headers={"X-Index": str(index)}) is None
+        await producer.send({"ssi": [1, 2]}, headers_tag="SSI", headers={"X-Index": "100"})
+        await producer.send({"legacy": "spelling"}, header_tag="SSI", headers={"X-Index": "101"})
+        await until(lambda: len(received) == len(BODIES) + 2, what="every body")
+        for index, body in enumerate(BODIES):
+            got, message = received[index]
+            assert got == body and type(got) is type(body), (index, got)
+            assert message.queue == kit.queue and message.attempt == 1 and message.id
+        assert received[100][0] == {"ssi": [1, 2]} and received[100][1].content_type == SSI
+        assert received[101][0] == {"legacy": "spelling"} and received[101][1].content_type == SSI
+
+    async def test_envelope_carries_id_and_headers(self, kit: Kit) -> None:
+        seen: list[streamtools.Message] = []
+        consumer = kit.consumer()
+        consumer()(lambda msg: seen.append(current_message()))
+        await consumer.start()
+        producer = await kit.producer(consumer)
+        await producer.send("x", message_id="order-17", headers={"X-Tenant": "acme"})
+        await until(lambda: seen, what="the message")
+        assert seen[0].id == "order-17"
+        assert seen[0].headers["X-Tenant"] == "acme"
+        assert seen[0].content_type.startswith("text/plain")
+
+    async def test_request_reply(self, kit: Kit) -> None:
+        consumer = kit.consumer()
+
+        @consumer()
+        async def echo(msg: Any) -> Any:
+            if msg == "bytes":
+                return b"\x01\x02"
+            if msg == "text":
+                return "plain"
+            return {"echo": msg, "attempt": current_message().attempt}
+
+        await consumer.start()
+        producer = await kit.producer(consumer)
+        assert await producer.request({"n": 1}) == {"echo": {"n": 1}, "attempt": 1}
+        assert await producer.request("bytes") == b"\x01\x02"
+        assert await producer.request("text") == "plain"
+        replies = await asyncio.gather(*(producer.request({"n": i}) for i in range(50)))
+        assert [r["echo"]["n"] for r in replies] == list(range(50))
+
+    async def test_request_timeout(self, kit: Kit) -> None:
+        consumer = kit.consumer()
+
+        @consumer()
+        async def slow(msg: Any) -> str:
+            await asyncio.sleep(2)
+            return "late"
+
+        await consumer.start()
+        producer = await kit.producer(consumer)
+        started = time.monotonic()
+        with pytest.raises(streamtools.RequestTimeout, match="0.3"):
+            await producer.request("hurry", timeout=0.3)
+        assert time.monotonic() - started < 1.5
+
+    async def test_a_failing_handler_reaches_the_requester(self, kit: Kit) -> None:
+        consumer = kit.consumer(max_retries=1, retry_backoff=0.01)
+
+        @consumer()
+        async def broken(msg: Any) -> None:
+            raise ValueError("no such item")
+
+        await consumer.start()
+        producer = await kit.producer(consumer)
+        if kit.brokered:
+            with pytest.raises(streamtools.RemoteError, match="ValueError: no such item"):
+                await producer.request({"item": "x"}, timeout=5)
+        else:  # HTTP: a generic 500, no details of the server's error
+            with pytest.raises(streamtools.HTTPError) as info:
+                await producer.request({"item": "x"}, timeout=5)
+            assert info.value.status == 500 and "no such item" not in str(info.value)
+
+    async def test_prefetch_bounds_concurrency(self, kit: Kit) -> None:
+        running = peak = handled = 0
+        consumer = kit.consumer(prefetch=4)
+
+        @consumer()
+        async def work(msg: Any) -> None:
+            nonlocal running, peak, handled
+            running += 1
+            peak = max(peak, running)
+            await asyncio.sleep(0.05)
+            running -= 1
+            handled += 1
+
+        await consumer.start()
+        producer = await kit.producer(consumer)
+        await asyncio.gather(*(producer.send({"i": i}) for i in range(20)))
+        await until(lambda: handled == 20, what="20 messages")
+        assert peak == 4
+
+    async def test_stop_drains_in_flight_work(self, kit: Kit) -> None:
+        started: set[int] = set()
+        finished: set[int] = set()
+        consumer = kit.consumer(prefetch=8)
+
+        @consumer()
+        async def work(msg: Any) -> None:
+            started.add(msg["i"])
+            await asyncio.sleep(0.3)
+            finished.add(msg["i"])
+
+        await consumer.start()
+        producer = await kit.producer(consumer)
+        sends = [asyncio.ensure_future(producer.send({"i": i})) for i in range(8)]
+        await until(lambda: len(started) == 8, what="8 handlers running")
+        await consumer.stop()
+        assert finished == set(range(8))
+        assert await asyncio.gather(*sends) == [None] * 8
+        if kit.brokered:  # every one was acknowledged: a new consumer gets none again
+            again: list[Any] = []
+            second = kit.consumer()
+            second()(again.append)
+            await second.start()
+            await asyncio.sleep(0.5)
+            assert again == []
+
+
+class TestBrokerContract:
+    """What a transport with a broker in the middle adds: messages wait for a
+    consumer, retries, dead letters, redelivery of unfinished work."""
+
+    async def test_message_sent_before_any_consumer_waits(self, broker_kit: Kit) -> None:
+        producer = await broker_kit.producer()
+        await producer.send({"early": True})
+        received: list[Any] = []
+        consumer = broker_kit.consumer()
+        consumer()(received.append)
+        await consumer.start()
+        await until(lambda: received, what="the early message")
+        assert received == [{"early": True}]
+
+    async def test_retries_then_dead_letter(self, broker_kit: Kit) -> None:
+        attempts: list[int] = []
+        dead: list[tuple[Any, dict[str, Any]]] = []
+        consumer = broker_kit.consumer(max_retries=2, retry_backoff=0.01)
+
+        @consumer()
+        async def broken(msg: Any) -> None:
+            attempts.append(current_message().attempt)
+            raise ValueError("boom")
+
+        graveyard = broker_kit.consumer(consumer.dead_letter_queue)
+        graveyard()(lambda msg: dead.append((msg, current_message().headers)))
+        await consumer.start()
+        await graveyard.start()
+        producer = await broker_kit.producer(consumer)
+        await producer.send({"order": 7}, headers={"X-Trace": "t-1"})
+        await until(lambda: dead, what="the dead letter")
+        await asyncio.sleep(0.2)
+        assert attempts == [1, 2, 3]
+        body, headers = dead[0]
+        assert body == {"order": 7}
+        assert headers["x-error"] == "ValueError: boom"
+        assert headers["x-attempts"] == 3 and headers["x-original-queue"] == broker_kit.queue
+        assert headers["X-Trace"] == "t-1"
+        assert len(dead) == 1
+
+    async def test_retry_then_success_is_not_dead_lettered(self, broker_kit: Kit) -> None:
+        handled: list[int] = []
+        dead: list[Any] = []
+        consumer = broker_kit.consumer(max_retries=3, retry_backoff=0.01)
+
+        @consumer()
+        async def flaky(msg: Any) -> None:
+            if current_message().attempt < 2:
+                raise ConnectionError("database blinked")
+            handled.append(current_message().attempt)
+
+        graveyard = broker_kit.consumer(consumer.dead_letter_queue)
+        graveyard()(dead.append)
+        await consumer.start()
+        await graveyard.start()
+        producer = await broker_kit.producer(consumer)
+        await producer.send("work")
+        await until(lambda: handled, what="the retried message")
+        await asyncio.sleep(0.2)
+        assert handled == [2] and dead == []
+
+    async def test_undecodable_message_goes_to_dead_letter_untouched(self, broker_kit: Kit) -> None:
+        handled: list[Any] = []
+        dead: list[tuple[Any, str, str]] = []
+        consumer = broker_kit.consumer()
+        consumer()(handled.append)
+        graveyard = broker_kit.consumer(consumer.dead_letter_queue)
+        graveyard()(lambda msg: dead.append((msg, current_message().headers["x-original-content-type"],
+                                             current_message().headers["x-error-type"])))
+        await consumer.start()
+        await graveyard.start()
+        producer = await broker_kit.producer(consumer)
+        await producer.send(b"{not json", content_type=streamtools.JSON)
+        await until(lambda: dead, what="the dead letter")
+        assert handled == [] and dead == [(b"{not json", streamtools.JSON, "DecodeError")]
+
+    async def test_stop_timeout_returns_unfinished_messages(self, broker_kit: Kit) -> None:
+        started: list[int] = []
+        consumer = broker_kit.consumer(prefetch=3, drain_timeout=0.2)
+
+        @consumer()
+        async def stuck(msg: Any) -> None:
+            started.append(msg)
+            await asyncio.sleep(30)
+
+        await consumer.start()
+        producer = await broker_kit.producer(consumer)
+        for i in range(3):
+            await producer.send(i)
+        await until(lambda: len(started) == 3, what="3 stuck handlers")
+        began = time.monotonic()
+        await consumer.stop()
+        assert time.monotonic() - began < 5
+        again: list[tuple[int, bool]] = []
+        second = broker_kit.consumer()
+        second()(lambda msg: again.append((msg, current_message().redelivered)))
+        await second.start()
+        await until(lambda: len(again) == 3, what="the 3 returned messages")
+        assert sorted(again) == [(0, True), (1, True), (2, True)]
+
+    async def test_many_messages_each_arrive_once(self, broker_kit: Kit) -> None:
+        seen: list[int] = []
+        consumer = broker_kit.consumer(prefetch=32)
+        consumer()(lambda msg: seen.append(msg["i"]))
+        await consumer.start()
+        producer = await broker_kit.producer(consumer)
+        for start in range(0, 2000, 200):
+            await asyncio.gather(*(producer.send({"i": i}) for i in range(start, start + 200)))
+        await until(lambda: len(seen) >= 2000, timeout=30, what="2000 messages")
+        await asyncio.sleep(0.2)
+        assert sorted(seen) == list(range(2000))
+
+    async def test_request_without_consumer_times_out(self, broker_kit: Kit) -> None:
+        producer = await broker_kit.producer()
+        with pytest.raises(streamtools.RequestTimeout):
+            await producer.request("anyone?", timeout=0.3)
+
+    async def test_handlers_can_be_methods_and_plain_functions(self, broker_kit: Kit) -> None:
+        class Service:
+            def __init__(self) -> None:
+                self.got: list[Any] = []
+
+            async def handle(self, msg: Any) -> str:
+                self.got.append(msg)
+                return "ok"
+
+        service = Service()
+        consumer = broker_kit.consumer()
+        consumer()(service.handle)
+        await consumer.start()
+        producer = await broker_kit.producer(consumer)
+        assert await producer.request({"m": 1}) == "ok"
+        assert service.got == [{"m": 1}]
+
+
+###############################################################################
+# Import and optional dependencies ############################################
+###############################################################################
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=child_env(**env), timeout=60)
+
+
+class TestImports:
+    def test_import_loads_no_transport_client(self) -> None:
+        result = run_python("""
+            import sys, streamtools
+            print(sorted(m for m in ("aio_pika", "aiohttp", "aiormq") if m in sys.modules))
+        """)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "[]"
+
+    def test_missing_clients_name_the_extra(self) -> None:
+        # A None entry in sys.modules makes `import x` raise ImportError, as if x were not installed.
+        result = run_python("""
+            import sys
+            sys.modules["aio_pika"] = sys.modules["aiohttp"] = None
+            import asyncio, streamtools
+            for kind in ("rabbitmq", "http"):
+                for registry in (streamtools.PRODUCERS, streamtools.CONSUMERS):
+                    try:
+                        registry[kind]("q")
+                    except ImportError as exc:
+                        print(type(exc).__name__, exc)
+            streamtools.main(["demo"])
+        """)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[:4] == [
+            'MissingDependency the rabbitmq transport needs aio_pika: pip install "streamtools[rabbitmq]"'] * 2 + [
+            'MissingDependency the http transport needs aiohttp: pip install "streamtools[http]"'] * 2
+        assert "demo finished" in result.stdout
+
+
+###############################################################################
+# Transports: memory ##########################################################
+###############################################################################
+
+
+class TestMemory:
+    def test_works_under_asyncio_run_with_no_loop_at_import(self) -> None:
+        consumers = ConsumerFactory(MEMORY)  # at "import time": no loop exists
+        got: list[Any] = []
+
+        @consumers.route("jobs")
+        async def job(msg: Any) -> Any:
+            got.append(msg)
+            return msg * 2
+
+        async def main() -> Any:
+            async with ConsumerRunner(consumers=consumers.instances, handlers=consumers.handlers):
+                async with PRODUCERS[MEMORY]("jobs") as producer:
+                    return await producer.request(21)
+
+        assert asyncio.run(main()) == 42
+        assert asyncio.run(main()) == 42  # a second loop gets a fresh broker
+        assert got == [21, 21]
+
+
+###############################################################################
+# Transports: RabbitMQ ########################################################
+###############################################################################
+
+
+class TestRabbitMQ:
+    async def test_settings_from_environment(self, rmq: Kit, monkeypatch: pytest.MonkeyPatch) -> None:
+        for name, value in {"RMQ_HOST": "127.0.0.1", "RMQ_PORT": "5672", "RMQ_USER": "guest",
+                            "RMQ_PASS": "guest", "RMQ_VHOST": "/"}.items():
+            monkeypatch.setenv(name, value)
+        rmq.queues.add(rmq.queue)
+        async with PRODUCERS[RABBITMQ](rmq.queue) as producer:
+            assert producer.where == "127.0.0.1:5672"
+            await producer.send("via env")
+        monkeypatch.setenv("RMQ_PORT", str(free_port()))  # RMQ_URL wins over the parts
+        monkeypatch.setenv("RMQ_URL", RMQ_URL)
+        got: list[Any] = []
+        consumer = CONSUMER_LOOPS[RABBITMQ](rmq.queue)
+        consumer()(got.append)
+        async with consumer:
+            await until(lambda: got, what="the message")
+        assert got == ["via env"]
+
+    async def test_first_connection_retries_then_names_host_and_port(self, caplog: pytest.LogCaptureFixture) -> None:
+        pytest.importorskip("aio_pika")
+        port = free_port()
+        producer = PRODUCERS[RABBITMQ]("q", url=f"amqp://guest:s3cret-pw@127.0.0.1:{port}/", connect_timeout=1.5)
+        began = time.monotonic()
+        with caplog.at_level(logging.DEBUG), pytest.raises(streamtools.ConnectionFailed) as info:
+            await producer.a_init()
+        assert 1.0 < time.monotonic() - began < 10
+        assert f"127.0.0.1:{port}" in str(info.value)
+        assert "s3cret-pw" not in "".join(traceback.format_exception(info.value)) + caplog.text
+        assert "retry" in caplog.text  # the retries are visible in the log
+
+    async def test_wrong_password_fails_fast_without_showing_it(self, caplog: pytest.LogCaptureFixture) -> None:
+        rabbitmq_available()
+        producer = PRODUCERS[RABBITMQ]("q", user="guest", password="s3cret-pw", host="127.0.0.1")
+        with caplog.at_level(logging.DEBUG), pytest.raises(streamtools.ConnectionFailed) as info:
+            await producer.a_init()
+        message = str(info.value)
+        assert "127.0.0.1:5672" in message and "RMQ_PASS" in message
+        assert "s3cret-pw" not in "".join(traceback.format_exception(info.value)) + caplog.text
+
+    async def test_unroutable_message_is_an_error(self, rmq: Kit) -> None:
+        producer = await rmq.producer()
+        await delete_queues([rmq.queue])
+        with pytest.raises(streamtools.Unroutable, match=rmq.queue):
+            await producer.send("nobody home")
+
+    async def test_quorum_queue_and_mismatched_declaration(self, rmq: Kit) -> None:
+        got: list[Any] = []
+        consumer = rmq.consumer(queue_type="quorum", max_retries=1, retry_backoff=0.01)
+
+        @consumer()
+        async def handler(msg: Any) -> None:
+            if current_message().attempt == 1:
+                raise RuntimeError("first try fails")
+            got.append(msg)
+
+        await consumer.start()
+        producer = await rmq.producer(consumer, queue_type="quorum")
+        await producer.send({"replicated": True})
+        await until(lambda: got, what="the message")
+        assert got == [{"replicated": True}]
+        with pytest.raises(streamtools.ConfigError, match="queue_type"):
+            await rmq.producer(consumer)  # classic declaration of a quorum queue
+
+    async def test_runner_serves_many_consumers_on_one_connection(self, rmq: Kit) -> None:
+        got: list[tuple[str, Any]] = []
+        consumers = ConsumerFactory(RABBITMQ, url=RMQ_URL)
+        names = [f"{rmq.queue}-{i}" for i in range(3)]
+        for name in names:
+            rmq.queues.update((name, f"{name}.dead"))
+            consumers.route(name)(lambda msg, name=name: got.append((name, msg)))
+        async with ConsumerRunner(consumers=consumers.instances, handlers=consumers.handlers):
+            assert len({id(c._connection) for c in consumers.instances}) == 1  # type: ignore[attr-defined]
+            for name in names:
+                producer = await rmq.producer(name)
+                await producer.send(name)
+            await until(lambda: len(got) == 3, what="3 messages")
+        assert sorted(got) == [(name, name) for name in names]
+
+    async def test_broker_closing_connections_mid_stream_loses_nothing(self, rmq: Kit) -> None:
+        received: set[int] = set()
+        consumer = rmq.consumer(prefetch=50, url=RMQ_URL + "%2F")  # another URL: its own connection
+        consumer()(lambda msg: received.add(msg))
+        await consumer.start()
+        producer = await rmq.producer(rmq.queue)
+        confirmed: list[int] = []
+        failed: list[tuple[int, BaseException]] = []
+
+        async def send(i: int) -> None:
+            try:
+                await producer.send(i)
+                confirmed.append(i)
+            except streamtools.SendError as exc:
+                failed.append((i, exc))
+
+        async def stream() -> None:
+            for start in range(0, 3000, 20):
+                await asyncio.gather(*(send(i) for i in range(start, start + 20)))
+
+        sending = asyncio.create_task(stream())
+        await until(lambda: len(received) > 300, what="the stream to start")
+        closer = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", "close_all_connections", "streamtools test", stdout=asyncio.subprocess.DEVNULL)
+        assert await closer.wait() == 0
+        await asyncio.wait_for(sending, 60)
+        await until(lambda: received >= set(confirmed), timeout=60, what="every confirmed message")
+        assert not failed, failed[:3]  # it reconnected within the send timeout
+        assert received >= set(range(3000))
+
+    async def test_killed_consumer_process_loses_nothing(self, rmq: Kit, tmp_path: Path) -> None:
+        log_file = tmp_path / "seen.txt"
+        script = f"""
+            import asyncio, streamtools
+            async def main():
+                consumer = streamtools.CONSUMERS["rabbitmq"]({rmq.queue!r}, url={RMQ_URL!r}, prefetch=20)
+                out = open({str(log_file)!r}, "a")
+                @consumer()
+                async def handle(msg):
+                    await asyncio.sleep(0.002)
+                    out.write(f"{{msg}}\\n"); out.flush()
+                async with consumer:
+                    await asyncio.Event().wait()
+            asyncio.run(main())
+        """
+        producer = await rmq.producer()
+        for start in range(0, 1000, 100):
+            await asyncio.gather(*(producer.send(i) for i in range(start, start + 100)))
+
+        def seen() -> set[int]:
+            return {int(line) for line in log_file.read_text().split()} if log_file.exists() else set()
+
+        child = await spawn(script, tmp_path)
+        await until(lambda: len(seen()) > 200, timeout=30, what="the child to consume")
+        child.kill()  # SIGKILL: no cleanup, unacknowledged messages return to the queue
+        await child.wait()
+        assert len(seen()) < 1000, "the child finished before it was killed; the test proves nothing"
+        child = await spawn(script, tmp_path)
+        try:
+            await until(lambda: seen() == set(range(1000)), timeout=60, what="every id after the restart")
+        finally:
+            child.kill()
+            await child.wait()
+
+    async def test_sigterm_drains_in_flight_messages(self, rmq: Kit, tmp_path: Path) -> None:
+        started, done = tmp_path / "started.txt", tmp_path / "done.txt"
+        script = f"""
+            import asyncio, streamtools
+            consumers = streamtools.ConsumerFactory(streamtools.RABBITMQ, url={RMQ_URL!r})
+            @consumers.route({rmq.queue!r})
+            async def slow(msg):
+                open({str(started)!r}, "a").write(f"{{msg}}\\n")
+                await asyncio.sleep(1)
+                open({str(done)!r}, "a").write(f"{{msg}}\\n")
+            streamtools.ConsumerRunner(consumers=consumers.instances, handlers=consumers.handlers).run()
+        """
+        producer = await rmq.producer()
+        child = await spawn(script, tmp_path)
+        for i in range(3):
+            await producer.send(i)
+        await until(lambda: started.exists() and len(started.read_text().split()) == 3, timeout=30,
+                    what="3 handlers started")
+        child.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(child.wait(), 30) == 0
+        assert sorted(done.read_text().split()) == ["0", "1", "2"]
+        again: list[Any] = []
+        consumer = rmq.consumer()
+        consumer()(again.append)
+        await consumer.start()
+        await asyncio.sleep(1)
+        assert again == []  # all three were acknowledged before exit
+
+
+###############################################################################
+# Transports: HTTP ############################################################
+###############################################################################
+
+
+class TestHTTP:
+    async def test_statuses(self, http: Kit) -> None:
+        import aiohttp
+        calls: list[Any] = []
+        consumer = http.consumer(max_body=1000)
+
+        @consumer()
+        async def handle(msg: Any) -> Any:
+            calls.append(msg)
+            if msg == "fail":
+                raise RuntimeError("internal secret detail")
+            return None if msg == "quiet" else {"ok": msg}
+
+        await consumer.start()
+        url = consumer.url
+        root = url.rsplit("/", 1)[0]
+        async with aiohttp.ClientSession() as session:
+            async def call(method: str, target: str, **kwargs: Any) -> tuple[int, Any]:
+                async with session.request(method, target, **kwargs) as response:
+                    body = await response.read()
+                    is_json = response.content_type == "application/json"
+                    return response.status, json.loads(body) if is_json and body else body
+
+            assert await call("POST", url, json="hi") == (200, {"ok": "hi"})
+            assert await call("POST", url, json="quiet") == (202, b"")
+            status, body = await call("POST", url, data=b"{broken", headers={"Content-Type": "application/json"})
+            assert status == 400 and "not valid application/json" in body["error"]
+            status, body = await call("POST", url, data=b"x" * 1001, headers={"Content-Type": "text/plain"})
+            assert status == 413 and "1000 bytes" in body["error"]
+
+            async def chunks() -> Any:
+                for _ in range(5):
+                    yield b"y" * 400
+
+            status, body = await call("POST", url, data=chunks(), headers={"Content-Type": "text/plain"})
+            assert status == 413
+            status, body = await call("PUT", url, json=1)
+            assert status == 405 and "PUT" in body["error"]
+            status, body = await call("GET", f"{root}/no-such-route")
+            assert status == 404 and "no-such-route" in body["error"]
+            assert await call("GET", f"{root}/healthz") == (200, {"status": "ok"})
+            status, body = await call("POST", url, json="fail")
+            assert status == 500 and "secret" not in json.dumps(body) and "Traceback" not in json.dumps(body)
+        assert calls == ["hi", "quiet", "fail"]  # bad input never reached the handler
+
+    async def test_get_query_parameters_arrive_as_a_dict(self, http: Kit) -> None:
+        consumer = http.consumer()
+
+        @consumer(method="GET")
+        async def lookup(msg: Any) -> Any:
+            return {"got": msg}
+
+        @consumer(method="POST")
+        async def create(msg: Any) -> Any:
+            return {"created": msg}
+
+        await consumer.start()
+        producer = await http.producer(consumer)
+        assert await producer.send({"id": "7", "n": 3, "flag": True}, method="GET") == \
+            {"got": {"id": "7", "n": "3", "flag": "true"}}
+        assert await producer.send({"x": 1}) == {"created": {"x": 1}}
+        with pytest.raises(streamtools.EncodeError, match="query parameters"):
+            await producer.send(["not", "a", "dict"], method="GET")
+
+    async def test_auth_token(self, http: Kit, monkeypatch: pytest.MonkeyPatch) -> None:
+        consumer = http.consumer(auth_token="t0ken")
+        consumer()(lambda msg: {"hello": msg})
+        await consumer.start()
+        anonymous = await http.producer(consumer, auth_token="")
+        with pytest.raises(streamtools.HTTPError) as info:
+            await anonymous.send("hi")
+        assert info.value.status == 401 and "t0ken" not in str(info.value)
+        wrong = await http.producer(consumer, auth_token="guess")
+        with pytest.raises(streamtools.HTTPError, match="401"):
+            await wrong.send("hi")
+        monkeypatch.setenv("HTTP_AUTH_TOKEN", "t0ken")
+        assert await (await http.producer(consumer)).send("hi") == {"hello": "hi"}
+
+    async def test_a_thousand_concurrent_requests(self, http: Kit) -> None:
+        consumer = http.consumer(prefetch=100)
+
+        @consumer()
+        async def double(msg: Any) -> Any:
+            await asyncio.sleep(0.001)
+            return {"i": msg["i"], "twice": msg["i"] * 2}
+
+        await consumer.start()
+        producer = await http.producer(consumer)
+        replies = await asyncio.gather(*(producer.send({"i": i}) for i in range(1000)))
+        assert replies == [{"i": i, "twice": 2 * i} for i in range(1000)]
+
+    async def test_retries_on_503_with_the_same_message_id(self, http: Kit) -> None:
+        from aiohttp import web
+        seen: list[tuple[str, str]] = []
+
+        async def flaky(request: web.Request) -> web.Response:
+            seen.append((request.headers["X-Message-Id"], request.headers["X-Attempt"]))
+            if len(seen) < 3:
+                return web.Response(status=503, text="busy, try later")
+            return web.json_response({"finally": await request.json()})
+
+        app = web.Application()
+        app.router.add_post("/q", flaky)
+
+        async def down(request: web.Request) -> web.Response:
+            return web.Response(status=503, text="down " * 100)
+
+        app.router.add_post("/down", down)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            producer = await http.producer("q", endpoint=f"http://127.0.0.1:{port}/q", retry_backoff=0.01)
+            assert await producer.send({"n": 1}) == {"finally": {"n": 1}}
+            assert len({message_id for message_id, _ in seen}) == 1
+            assert [attempt for _, attempt in seen] == ["1", "2", "3"]
+            with pytest.raises(streamtools.HTTPError) as info:
+                await producer.send("x", endpoint=f"http://127.0.0.1:{port}/down")
+            assert info.value.status == 503 and info.value.body.startswith("down") and len(info.value.body) < 300
+        finally:
+            await runner.cleanup()
+
+    async def test_unreachable_consumer_raises_after_retries(self, http: Kit) -> None:
+        port = free_port()
+        producer = await http.producer("q", endpoint=f"http://127.0.0.1:{port}/q", retries=2, retry_backoff=0.01)
+        with pytest.raises(streamtools.SendError, match=f"127.0.0.1:{port}.*3 attempt"):
+            await producer.send("hello?")
+
+    async def test_https(self, http: Kit) -> None:
+        import ssl
+        trustme = pytest.importorskip("trustme")
+        ca = trustme.CA()
+        server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(server_context)
+        client_context = ssl.create_default_context()
+        ca.configure_trust(client_context)
+        consumer = http.consumer(ssl_context=server_context)
+        consumer()(lambda msg: {"secure": msg})
+        await consumer.start()
+        assert consumer.url.startswith("https://")
+        producer = await http.producer(consumer, ssl_context=client_context)
+        assert await producer.send("hi") == {"secure": "hi"}
+        untrusting = await http.producer(consumer, ssl_context=ssl.create_default_context(), retries=0)
+        with pytest.raises(streamtools.SendError, match="(?i)certificate"):
+            await untrusting.send("hi")
+
+    async def test_routes_mount_into_an_existing_application(self, http: Kit) -> None:
+        from aiohttp import web
+        app = web.Application()
+
+        async def own(request: web.Request) -> web.Response:
+            return web.json_response({"own": True})
+
+        app.router.add_get("/own", own)
+        consumers = ConsumerFactory(HTTP)
+        consumers.route("orders")(lambda msg: {"order": msg})
+        consumers.mount(app)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            producer = await http.producer("orders", endpoint=f"http://127.0.0.1:{port}/orders")
+            assert await producer.send({"id": 1}) == {"order": {"id": 1}}
+            assert await producer.send(None, method="GET", endpoint=f"http://127.0.0.1:{port}/own") == {"own": True}
+        finally:
+            await runner.cleanup()
+
+    async def test_sigterm_finishes_in_flight_requests(self, http: Kit, tmp_path: Path) -> None:
+        port = free_port()
+        script = f"""
+            import asyncio, streamtools
+            consumers = streamtools.ConsumerFactory(streamtools.HTTP, port={port})
+            @consumers.route("slow")
+            async def slow(msg):
+                await asyncio.sleep(1)
+                return {{"done": msg}}
+            streamtools.ConsumerRunner(consumers=consumers.instances, host="127.0.0.1").run()
+        """
+        child = await spawn(script, tmp_path)
+        await wait_healthy(port)
+        producer = await http.producer("slow", endpoint=f"http://127.0.0.1:{port}/slow", retries=0)
+        requests = [asyncio.ensure_future(producer.send(i)) for i in range(5)]
+        await asyncio.sleep(0.3)
+        child.send_signal(signal.SIGTERM)
+        assert await asyncio.gather(*requests) == [{"done": i} for i in range(5)]
+        assert await asyncio.wait_for(child.wait(), 30) == 0
+
+
+###############################################################################
+# Helpers: the legacy README's usage ##########################################
+###############################################################################
+
+
+class TestLegacyUsage:
+    async def test_producer_and_consumer_steps(self, kit: Kit, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The README's five steps each side, with settings from the environment."""
+        port = free_port()
+        monkeypatch.setenv("RMQ_HOST", "127.0.0.1")
+        monkeypatch.setenv("RMQ_USER", "guest")
+        monkeypatch.setenv("RMQ_PASS", "guest")
+        monkeypatch.setenv("HTTP_HOST", f"127.0.0.1:{port}")
+        monkeypatch.setenv("HTTP_PORT", str(port))
+        from streamtools import CONSUMER_LOOPS, PRODUCERS  # noqa: F811 - as the README writes it
+
+        kit.queues.update((kit.queue, f"{kit.queue}.dead"))
+        MyConsumer = CONSUMERS[kit.kind]
+        consumer = MyConsumer(kit.queue)
+        kit.consumers.append(consumer)
+        await consumer.a_init()
+        got: list[Any] = []
+
+        @consumer()
+        async def handler_func(msg: Any) -> None:
+            got.append(msg)
+
+        await consumer.start()
+        MyProducer = PRODUCERS[kit.kind]
+        producer = MyProducer(kit.queue)
+        kit.producers.append(producer)
+        await producer.a_init()
+        await producer.send({"msg": "hello"})
+        await until(lambda: got, what="the message")
+        assert got == [{"msg": "hello"}]
+        assert CONSUMER_LOOPS[kit.kind] is MyConsumer
+
+    async def test_http_send_flags_and_get_consumer(self, http: Kit) -> None:
+        consumer = http.consumer("test")
+
+        @consumer(method="GET")
+        async def handler_func(msg: Any) -> Any:
+            return {"query": msg, "content_type": current_message().content_type}
+
+        await consumer.start()
+        producer = streamtools.PRODUCERS[HTTP]("other-queue")
+        http.producers.append(producer)
+        await producer.a_init()
+        reply = await producer.send({"q": "x"}, method="GET", endpoint=consumer.url, header_tag="SSI")
+        assert reply == {"query": {"q": "x"}, "content_type": ""}
+
+    def test_handler_factory_config_errors(self) -> None:
+        legacy = {
+            "queue_1": {"name": "queue_1", "consumer_loop": "KafkaHandler", "producer": "HTTPHandler"},
+            "queue_2": {"name": "queue_2", "consumer_loop": "RMQIOHandler", "producer": "RMQIOHandler"},
+        }
+        with pytest.raises(streamtools.ConfigError) as info:
+            streamtools.HandlerFactory(legacy)
+        assert "queue_1.consumer_loop" in str(info.value) and "KafkaHandler" in str(info.value)
+        assert RABBITMQ in str(info.value)
+        for bad, expected in [([], "non-empty dict"), ({"q": "RMQIOHandler"}, "must be a dict"),
+                              ({"q": {"name": "q"}}, "neither"), ({"q": {"consumer": MEMORY}}, "unknown key")]:
+            with pytest.raises(streamtools.ConfigError, match=expected):
+                streamtools.HandlerFactory(bad)
+        with pytest.raises(streamtools.ConfigError, match="not in the config"):
+            streamtools.HandleMsgs("queue_9", legacy)
+
+    async def test_handler_factory_mixes_transports(self, rmq: Kit) -> None:
+        queue_2 = f"{rmq.queue}-2"
+        rmq.queues.update((queue_2, f"{queue_2}.dead"))
+        factory = streamtools.HandlerFactory(
+            {"queue_1": {"name": "queue_1", "consumer_loop": "AsyncIOHandler", "producer": "AsyncIOHandler"},
+             "queue_2": {"name": queue_2, "consumer_loop": "RMQIOHandler", "producer": "RMQIOHandler"}},
+            consumer_options={}, producer_options={})
+        assert isinstance(factory["queue_2"].consumer, streamtools.RabbitMQConsumer)
+        got: list[Any] = []
+        for key in ("queue_1", "queue_2"):
+            factory[key]()(lambda msg, key=key: got.append((key, msg)))
+        await factory.a_init()
+        runner = ConsumerRunner(consumers=factory.consumers)
+        async with runner:
+            await factory["queue_1"].send("one")
+            await factory["queue_2"].send("two")
+            await until(lambda: len(got) == 2, what="both queues")
+        await factory.close()
+        assert sorted(got) == [("queue_1", "one"), ("queue_2", "two")]
+
+    async def test_consumer_factory_and_runner_in_a_child_process(self, http: Kit, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+        port = free_port()
+        script = f"""
+            from streamtools import ConsumerFactory, ConsumerRunner, HTTP
+            PORT, IP = {port}, "127.0.0.1"
+
+            consumers = ConsumerFactory(HTTP, port=9000)
+
+            @consumers.route("queue_1")
+            async def id_result_handler(msg):
+                return {{"queue": 1, "msg": msg}}
+
+            @consumers.route("queue_2")
+            async def id_result_handler(msg):
+                return {{"queue": 2, "msg": msg}}
+
+            if __name__ == '__main__':
+                app = ConsumerRunner(
+                    consumers=consumers.instances,
+                    handlers=consumers.handlers,
+                    port=PORT,
+                    host=IP,
+                )
+                app.run()
+        """
+        child = await spawn(script, tmp_path)
+        try:
+            await wait_healthy(port)
+            monkeypatch.setenv("HTTP_HOST", f"127.0.0.1:{port}")
+            for number in (1, 2):
+                producer = streamtools.PRODUCERS[HTTP](f"queue_{number}")
+                http.producers.append(producer)
+                await producer.a_init()
+                assert await producer.send({"id": number}) == {"queue": number, "msg": {"id": number}}
+        finally:
+            child.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(child.wait(), 30) == 0
+
+    async def test_runner_pairs_legacy_handlers_and_embeds(self, http: Kit) -> None:
+        memory_consumer = CONSUMER_LOOPS[MEMORY]("mem")
+        http_consumer = http.consumer("web")
+        got: list[Any] = []
+
+        async def on_memory(msg: Any) -> None:
+            got.append(("memory", msg))
+
+        async def on_http(msg: Any) -> Any:
+            return {"web": msg}
+
+        with pytest.raises(streamtools.ConfigError, match="one handler per consumer"):
+            ConsumerRunner(consumers=[memory_consumer, http_consumer], handlers=[on_memory])
+        runner = ConsumerRunner(consumers=[memory_consumer, http_consumer], handlers=[on_memory, on_http],
+                                port=0, host="127.0.0.1")
+        async with runner:
+            async with PRODUCERS[MEMORY]("mem") as producer:
+                await producer.send("hi")
+            web = await http.producer("web", endpoint=f"http://127.0.0.1:{runner.port}/web")
+            assert await web.send("there") == {"web": "there"}
+            await until(lambda: got, what="the memory message")
+        assert got == [("memory", "hi")]
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streamtools", *args], capture_output=True, text=True,
+                          env=child_env(**env), timeout=120)
+
+
+class TestCLI:
+    def test_demo(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert streamtools.main(["demo"]) == 0
+        out = capsys.readouterr().out
+        assert "order 3 confirmed, total 2.50" in out and "demo finished" in out
+
+    @pytest.mark.parametrize("kind", ["rabbitmq", "http"])
+    def test_demo_on_other_transports(self, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+        if kind == "rabbitmq":
+            rabbitmq_available()
+        else:
+            pytest.importorskip("aiohttp")
+        assert streamtools.main(["demo", "--transport", kind]) == 0
+        assert "demo finished" in capsys.readouterr().out
+
+    @pytest.mark.parametrize("kind", ALL)
+    def test_bench_json(self, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+        if kind == RABBITMQ:
+            rabbitmq_available()
+        elif kind == HTTP:
+            pytest.importorskip("aiohttp")
+        assert streamtools.main(["bench", "--transport", kind, "-n", "500", "--concurrency", "10", "--json"]) == 0
+        captured = capsys.readouterr()
+        result = json.loads(captured.out)
+        assert result["n"] == 500 and result["transport"] == PRODUCERS.canonical(kind)
+        assert result["msgs_per_sec"] > 0 and 0 < result["p50_ms"] <= result["p99_ms"]
+        assert "handled 500/500" in captured.err
+
+    def test_errors(self, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit) as info:
+            streamtools.main(["send", "memory", "q", "x"])
+        assert info.value.code == 2 and "inside one process" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            streamtools.main(["listen", "kafka", "q"])
+        assert "choose one of" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            streamtools.main(["bench", "-n", "0"])
+        assert "-n must be at least 1" in capsys.readouterr().err
+        assert streamtools.main(["run", "no_such_module_here:app"]) == 1
+        assert "no module 'no_such_module_here'" in capsys.readouterr().err
+        assert streamtools.main(["run", "streamtools:nothing"]) == 1
+
+    async def test_send_and_listen_over_rabbitmq(self, rmq: Kit) -> None:
+        rmq.queues.update((rmq.queue, f"{rmq.queue}.dead"))
+        listener = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streamtools", "listen", "rabbitmq", rmq.queue, "--url", RMQ_URL, "--count", "2",
+            env=child_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert listener.stderr is not None
+        assert b"listening" in await asyncio.wait_for(listener.stderr.readline(), 30)
+        for message in ('{"a": 1}', "plain words"):
+            sender = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "streamtools", "send", "rmq", rmq.queue, message, "--url", RMQ_URL,
+                env=child_env())
+            assert await sender.wait() == 0
+        out, _ = await asyncio.wait_for(listener.communicate(), 30)
+        assert listener.returncode == 0
+        lines = [json.loads(line) for line in out.decode().splitlines()]
+        assert [line["body"] for line in lines] == [{"a": 1}, "plain words"]
+        assert lines[0]["content_type"] == "application/json"
+
+    async def test_send_request_and_listen_over_http(self, http: Kit) -> None:
+        port = free_port()
+        listener = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streamtools", "listen", "http", "inbox", "--host", "127.0.0.1", "--port",
+            str(port), "--count", "1", env=child_env(), stdout=asyncio.subprocess.PIPE)
+        await wait_healthy(port)
+        sender = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streamtools", "send", "http", "inbox", "[1, 2]", "--endpoint",
+            f"http://127.0.0.1:{port}/inbox", env=child_env())
+        assert await sender.wait() == 0
+        out, _ = await asyncio.wait_for(listener.communicate(), 30)
+        assert json.loads(out)["body"] == [1, 2]
+
+        consumer = http.consumer("answers")
+        consumer()(lambda msg: {"answer": msg * 2})
+        await consumer.start()
+        requester = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streamtools", "send", "http", "answers", "21", "--request", "--endpoint",
+            consumer.url, env=child_env(), stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(requester.communicate(), 30)
+        assert requester.returncode == 0 and json.loads(out) == {"answer": 42}
+
+    async def test_run_module_attr(self, http: Kit, tmp_path: Path) -> None:
+        port = free_port()
+        (tmp_path / "my_service.py").write_text(textwrap.dedent("""
+            import streamtools
+            consumers = streamtools.ConsumerFactory(streamtools.HTTP)
+
+            @consumers.route("greet")
+            async def greet(msg):
+                return f"hello {msg}"
+        """))
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streamtools", "run", "my_service:consumers", "--host", "127.0.0.1",
+            "--port", str(port), cwd=tmp_path, env=child_env())
+        try:
+            await wait_healthy(port)
+            producer = await http.producer("greet", endpoint=f"http://127.0.0.1:{port}/greet")
+            assert await producer.send("you") == "hello you"
+        finally:
+            child.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(child.wait(), 30) == 0
+
+    def test_console_script_entry_point_is_main(self) -> None:
+        text = (HERE / "setup.cfg").read_text()
+        assert "streamtools = streamtools:main" in text
+        assert cli("--version").stdout.strip() == f"streamtools {streamtools.__version__}"
