@@ -243,7 +243,7 @@ class RemoteError(StreamtoolsError):
 ###############################################################################
 
 _json_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-_JSON_SCALARS = (dict, list, int, float, bool, type(None))
+_JSON_CONTAINERS = frozenset({dict, list})
 
 
 def _is_json_type(content_type: str) -> bool:
@@ -273,25 +273,30 @@ def encode(body: Any, content_type: str | None = None) -> tuple[bytes, str]:
     :raises EncodeError: the body does not fit the content type.
     """
     if content_type is None:
+        if type(body) in _JSON_CONTAINERS:  # the common case, first
+            return _to_json(body), JSON
         if isinstance(body, (bytes, bytearray, memoryview)):
             return bytes(body), BINARY
         if isinstance(body, str):
             return body.encode(), TEXT
-        content_type = JSON
+        return _to_json(body), JSON
     if _is_json_type(content_type):
         if isinstance(body, (bytes, bytearray, memoryview)):
             return bytes(body), content_type
-        try:
-            return _json_encode(body).encode(), content_type
-        except (TypeError, ValueError) as exc:
-            raise EncodeError(
-                f"cannot encode {type(body).__name__} as JSON ({exc}); send a JSON value, str or bytes"
-            ) from exc
+        return _to_json(body), content_type
     if isinstance(body, (bytes, bytearray, memoryview)):
         return bytes(body), content_type
     if isinstance(body, str):
         return body.encode(_charset(content_type)), content_type
     raise EncodeError(f"{content_type} carries str or bytes, got {type(body).__name__}")
+
+
+def _to_json(body: Any) -> bytes:
+    try:
+        return _json_encode(body).encode()
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise EncodeError(
+            f"cannot encode {type(body).__name__} as JSON ({exc}); send a JSON value, str or bytes") from exc
 
 
 def _charset(content_type: str) -> str:
@@ -302,8 +307,11 @@ def _charset(content_type: str) -> str:
     return "utf-8"
 
 
+_json_decode = json.JSONDecoder().decode
+
+
 def _decode_json(data: bytes) -> Any:
-    return json.loads(data)
+    return _json_decode(data.decode())  # JSON on the wire is UTF-8 (RFC 8259)
 
 
 def _decoder(content_type: str) -> Callable[[bytes], Any]:
@@ -454,8 +462,10 @@ async def _retry(operation: Callable[[], Awaitable[Any]], *, what: str,
             delay = _backoff(attempt, base, cap)
             if attempts is not None and attempt >= attempts:
                 raise
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise
+            if deadline is not None:  # the last try comes at the deadline, not before it
+                delay = min(delay, deadline - time.monotonic())
+                if delay <= 0:
+                    raise
             log.warning("%s failed (%s: %s); retry %d in %.2fs", what, type(exc).__name__, exc, attempt, delay)
             await asyncio.sleep(delay)
 
@@ -708,16 +718,6 @@ class Consumer:
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.stop()
 
-    async def _call(self, message: Message) -> Any:
-        fn, is_coroutine = self._handlers[""]
-        token = _current.set(message)
-        try:
-            if is_coroutine:
-                return await fn(message.body)
-            return await _maybe_await(fn(message.body))
-        finally:
-            _current.reset(token)
-
     async def _deliver(self, message: Message) -> None:
         """Decode, run the handler with retries, then reply and acknowledge,
         or dead-letter. Transports call this once per message received."""
@@ -735,9 +735,11 @@ class Consumer:
                 message.content_type = BINARY
                 await self._give_up(message, exc)
                 return
+            fn, is_coroutine = self._handlers[""]
             while True:
+                token = _current.set(message)
                 try:
-                    result = await self._call(message)
+                    result = await fn(message.body) if is_coroutine else await _maybe_await(fn(message.body))
                     if message.reply_to is not None:
                         data, ctype = encode(result)
                         await self._reply(message, data, ctype, {})
@@ -752,6 +754,8 @@ class Consumer:
                     await asyncio.sleep(delay)
                     message.attempt += 1
                     continue
+                finally:
+                    _current.reset(token)
                 settled = True
                 await self._ack(message)
                 return
@@ -1018,11 +1022,9 @@ class _RabbitMQ:
         self.reconnect_interval = _number("reconnect_interval", reconnect_interval)
         self.send_timeout = _number("send_timeout", send_timeout)
         self._lost, self._fatal = _rmq_errors()
-
-    @property
-    def where(self) -> str:
-        """``host:port`` of the broker (never the credentials)."""
-        return _where(self._url)
+        self._errors = importlib.import_module("aiormq").exceptions
+        #: ``host:port`` of the broker, for messages (never the credentials).
+        self.where = _where(self._url)
 
     async def _open_channel(self) -> None:
         self._connection = await _rmq_acquire(self._url, self.connect_timeout, self.reconnect_interval)
@@ -1034,10 +1036,9 @@ class _RabbitMQ:
         self._exchange = self._channel.default_exchange
 
     async def _declare(self, name: str) -> Any:
-        aiormq = importlib.import_module("aiormq")
         try:
             return await self._channel.declare_queue(name, durable=True, arguments=self._queue_args)
-        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        except self._errors.ChannelPreconditionFailed as exc:
             raise ConfigError(f"queue {name!r} exists on {self.where} with other settings (classic or quorum?): "
                               f"use the same queue_type everywhere or delete the queue ({exc})") from None
 
@@ -1048,31 +1049,41 @@ class _RabbitMQ:
             log.debug("closing channel: %r", exc)
         await _rmq_release(self._url)
 
-    async def _confirmed(self, message: Message, routing_key: str, timeout: float | None,
-                         mandatory: bool = True) -> None:
-        """Publish and wait for the broker's confirm. A lost connection is
-        retried until the send timeout: the message is either confirmed or an
-        error is raised, never dropped silently."""
-        aio_pika = self._aio_pika
+    async def _publish(self, message: Message, timeout: float | None, routing_key: str | None = None,
+                       mandatory: bool = True) -> None:
+        """Publish to ``routing_key`` (default: the queue) and wait for the
+        broker's confirm. A lost connection is retried until the send timeout:
+        the message is either confirmed or an error is raised, never dropped."""
+        routing_key = routing_key or self.queue_name
+        timeout = self.send_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        aio_pika, errors = self._aio_pika, self._errors
         amqp_message = aio_pika.Message(
             message.data, content_type=message.content_type, headers=message.headers or None,
             message_id=message.id, correlation_id=message.correlation_id, reply_to=message.reply_to,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-        timeout = self.send_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
 
-        async def publish() -> None:
+        async def publish_when_connected() -> None:
             # The robust channel waits for a reconnection with no limit: bound it.
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 await self._exchange.publish(amqp_message, routing_key, mandatory=mandatory)
 
-        aiormq = importlib.import_module("aiormq")
         try:
-            await _retry(publish, what=f"publishing to {routing_key!r} on {self.where}", retry_on=self._lost,
-                         fatal=self._fatal, deadline=deadline, base=0.1, cap=2.0)
-        except aiormq.exceptions.PublishError:
+            try:
+                if self._connection.connected.is_set():  # the hot path, one await deep
+                    await self._exchange.publish(amqp_message, routing_key, mandatory=mandatory, timeout=timeout)
+                    return
+            except (TimeoutError, *self._fatal):
+                raise
+            except self._lost as exc:
+                log.warning("publishing to %r on %s failed (%r); retrying as the connection comes back",
+                            routing_key, self.where, exc)
+            await _retry(publish_when_connected, what=f"publishing to {routing_key!r} on {self.where}",
+                         retry_on=self._lost, fatal=(TimeoutError, *self._fatal), deadline=deadline,
+                         base=0.1, cap=2.0)
+        except errors.PublishError:
             raise Unroutable(f"RabbitMQ at {self.where} has no queue {routing_key!r} for the message") from None
-        except aiormq.exceptions.DeliveryError as exc:
+        except errors.DeliveryError as exc:
             raise SendError(f"RabbitMQ at {self.where} refused the message to {routing_key!r}: {exc}") from None
         except TimeoutError:
             raise SendError(f"RabbitMQ at {self.where} did not confirm the message to {routing_key!r} "
@@ -1118,9 +1129,6 @@ class RabbitMQProducer(_RabbitMQ, Producer):
         self._reply_consumer = None
         await self._close_channel()
 
-    async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
-        await self._confirmed(message, self.queue_name, timeout)
-
     async def _on_reply(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
         future = self._replies.get(incoming.correlation_id or "")
         if future is not None and not future.done():
@@ -1136,7 +1144,7 @@ class RabbitMQProducer(_RabbitMQ, Producer):
         message.reply_to = _REPLY_TO
         try:
             async with asyncio.timeout(timeout):
-                await self._confirmed(message, self.queue_name, timeout)
+                await self._publish(message, timeout)
                 data, ctype, headers = await future
         except TimeoutError:
             raise RequestTimeout(f"no reply from queue {self.queue_name!r} on {self.where} "
@@ -1219,13 +1227,13 @@ class RabbitMQConsumer(_RabbitMQ, Consumer):
     async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
         dead = Message(None, message.data, message.content_type, headers, message.id,
                        self.dead_letter_queue, message.correlation_id)
-        await self._confirmed(dead, self.dead_letter_queue, None)
+        await self._publish(dead, None, self.dead_letter_queue)
 
     async def _reply(self, message: Message, data: bytes, content_type: str, headers: dict[str, Any]) -> None:
         reply = Message(None, data, content_type, headers, _new_id(), message.reply_to or "",
                         message.correlation_id)
         # Not mandatory: a requester that gave up has no reply queue any more.
-        await self._confirmed(reply, message.reply_to or "", None, mandatory=False)
+        await self._publish(reply, None, message.reply_to or "", mandatory=False)
 
 
 ###############################################################################

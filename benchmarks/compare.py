@@ -1,0 +1,279 @@
+"""Side-by-side throughput: streamtools against the raw client underneath.
+
+    python benchmarks/compare.py [memory|rabbitmq|http|all] [--rounds 5]
+
+Each comparison runs both sides in this one process, alternating them for
+``--rounds`` rounds, and reports the median messages per second of each and
+the ratio of the medians, so machine noise hits both sides alike.
+
+- memory: 200,000 messages ``{"i": i, "payload": "x"*100}`` end to end
+  (send -> handler -> ack) against a bare ``asyncio.Queue`` carrying the same
+  messages JSON-encoded (put ``json.dumps(m).encode()``, get ``json.loads``).
+- rabbitmq: 20,000 such messages, publish with confirms -> consume -> ack, one
+  process, against raw aio-pika written well: one connection, concurrent
+  publishes in batches of 500, a consumer with prefetch 256 and manual ack.
+- http: 5,000 JSON POSTs at concurrency 50: the streamtools producer against
+  raw aiohttp with one pooled ClientSession (both to the same plain aiohttp
+  server), and the streamtools consumer against a plain aiohttp handler (both
+  driven by the same raw client).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import streamtools  # noqa: E402
+
+RMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def messages(n: int) -> list[dict[str, Any]]:
+    return [{"i": i, "payload": "x" * 100} for i in range(n)]
+
+
+###############################################################################
+# memory ######################################################################
+###############################################################################
+
+
+async def bare_queue(msgs: list[dict[str, Any]]) -> float:
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def consume() -> None:
+        for _ in range(len(msgs)):
+            json.loads(await queue.get())
+
+    started = time.perf_counter()
+    consumer = asyncio.create_task(consume())
+    for m in msgs:
+        await queue.put(json.dumps(m).encode())
+    await consumer
+    return len(msgs) / (time.perf_counter() - started)
+
+
+async def streamtools_memory(msgs: list[dict[str, Any]]) -> float:
+    n = len(msgs)
+    handled = 0
+    done = asyncio.Event()
+    consumer = streamtools.MemoryConsumer("bench")
+
+    @consumer()
+    async def handle(msg: Any) -> None:
+        nonlocal handled
+        handled += 1
+        if handled == n:
+            done.set()
+
+    async with consumer, streamtools.MemoryProducer("bench") as producer:
+        started = time.perf_counter()
+        for m in msgs:
+            await producer.send(m)
+        await done.wait()
+        return n / (time.perf_counter() - started)
+
+
+###############################################################################
+# rabbitmq ####################################################################
+###############################################################################
+
+
+async def raw_aio_pika(msgs: list[dict[str, Any]]) -> float:
+    import aio_pika
+    name = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(RMQ_URL)
+    async with connection:
+        publishing = await connection.channel(publisher_confirms=True)
+        consuming = await connection.channel()
+        await consuming.set_qos(prefetch_count=256)
+        queue = await consuming.declare_queue(name, durable=True)
+        done = asyncio.Event()
+        handled = 0
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            nonlocal handled
+            json.loads(message.body)
+            await message.ack()
+            handled += 1
+            if handled == len(msgs):
+                done.set()
+
+        await queue.consume(on_message)
+        exchange = publishing.default_exchange
+        started = time.perf_counter()
+        for start in range(0, len(msgs), 500):
+            await asyncio.gather(*(
+                exchange.publish(aio_pika.Message(json.dumps(m).encode(), content_type="application/json",
+                                                  delivery_mode=aio_pika.DeliveryMode.PERSISTENT), name)
+                for m in msgs[start:start + 500]))
+        await done.wait()
+        rate = len(msgs) / (time.perf_counter() - started)
+        await queue.delete(if_unused=False, if_empty=False)
+    return rate
+
+
+async def streamtools_rabbitmq(msgs: list[dict[str, Any]]) -> float:
+    name = f"bench-st-{uuid.uuid4().hex[:8]}"
+    done = asyncio.Event()
+    handled = 0
+    consumer = streamtools.RabbitMQConsumer(name, url=RMQ_URL, prefetch=256)
+
+    @consumer()
+    async def handle(msg: Any) -> None:
+        nonlocal handled
+        handled += 1
+        if handled == len(msgs):
+            done.set()
+
+    async with consumer, streamtools.RabbitMQProducer(name, url=RMQ_URL) as producer:
+        started = time.perf_counter()
+        for start in range(0, len(msgs), 500):
+            await asyncio.gather(*(producer.send(m) for m in msgs[start:start + 500]))
+        await done.wait()
+        rate = len(msgs) / (time.perf_counter() - started)
+    import aio_pika
+    connection = await aio_pika.connect(RMQ_URL)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (name, f"{name}.dead"):
+            await channel.queue_delete(queue)
+    return rate
+
+
+###############################################################################
+# http ########################################################################
+###############################################################################
+
+
+async def drive(send: Callable[[dict[str, Any]], Awaitable[Any]], msgs: list[dict[str, Any]],
+                concurrency: int = 50) -> float:
+    async def worker(part: list[dict[str, Any]]) -> None:
+        for m in part:
+            await send(m)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(msgs[i::concurrency]) for i in range(concurrency)))
+    return len(msgs) / (time.perf_counter() - started)
+
+
+async def plain_server() -> tuple[Any, int]:
+    from aiohttp import web
+
+    async def handle(request: web.Request) -> web.Response:
+        msg = await request.json()
+        return web.json_response({"ok": msg["i"]})
+
+    app = web.Application()
+    app.router.add_post("/bench", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, runner.addresses[0][1]
+
+
+async def raw_client(url: str, msgs: list[dict[str, Any]]) -> float:
+    import aiohttp
+    async with aiohttp.ClientSession() as session:
+        async def send(m: dict[str, Any]) -> Any:
+            async with session.post(url, json=m) as response:
+                if response.status != 200:
+                    raise RuntimeError(response.status)
+                return await response.json()
+        return await drive(send, msgs)
+
+
+async def streamtools_client(url: str, msgs: list[dict[str, Any]]) -> float:
+    async with streamtools.HTTPProducer("bench", endpoint=url) as producer:
+        return await drive(producer.send, msgs)
+
+
+class HTTPSides:
+    """Servers started once; each round drives one side."""
+
+    async def __aenter__(self) -> HTTPSides:
+        self.plain, port = await plain_server()
+        self.plain_url = f"http://127.0.0.1:{port}/bench"
+        self.consumer = streamtools.HTTPConsumer("bench", host="127.0.0.1", port=0, prefetch=256)
+
+        @self.consumer()
+        async def handle(msg: Any) -> Any:
+            return {"ok": msg["i"]}
+
+        await self.consumer.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.consumer.stop()
+        await self.plain.cleanup()
+
+
+###############################################################################
+# running #####################################################################
+###############################################################################
+
+
+def report(title: str, label_a: str, rates_a: list[float], label_b: str, rates_b: list[float],
+           floor: float) -> bool:
+    a, b = statistics.median(rates_a), statistics.median(rates_b)
+    ratio = a / b
+    ok = ratio >= floor
+    print(f"{title}\n  {label_a:<40} {a:>11,.0f} msg/s  (rounds: {', '.join(f'{r:,.0f}' for r in rates_a)})\n"
+          f"  {label_b:<40} {b:>11,.0f} msg/s  (rounds: {', '.join(f'{r:,.0f}' for r in rates_b)})\n"
+          f"  ratio of medians {ratio:.3f} (target >= {floor}) {'OK' if ok else 'BELOW TARGET'}\n", flush=True)
+    return ok
+
+
+async def compare(pairs: list[tuple[Callable[[], Awaitable[float]], Callable[[], Awaitable[float]]]],
+                  rounds: int) -> tuple[list[float], list[float]]:
+    a: list[float] = []
+    b: list[float] = []
+    for round_ in range(rounds):
+        for first, second in pairs:
+            # Alternate which side goes first, so warm-up and drift fall on both.
+            order = [(first, a), (second, b)] if round_ % 2 == 0 else [(second, b), (first, a)]
+            for run, rates in order:
+                rates.append(await run())
+        print(f"  round {round_ + 1}/{rounds}", file=sys.stderr, flush=True)
+    return a, b
+
+
+async def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("which", nargs="?", default="all", choices=["memory", "rabbitmq", "http", "all"])
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    ok = True
+    if args.which in ("memory", "all"):
+        msgs = messages(200_000)
+        a, b = await compare([(lambda: streamtools_memory(msgs), lambda: bare_queue(msgs))], args.rounds)
+        ok &= report("memory: 200,000 messages end to end", "streamtools memory transport", a,
+                     "bare asyncio.Queue + json", b, 0.5)
+    if args.which in ("rabbitmq", "all"):
+        msgs = messages(20_000)
+        a, b = await compare([(lambda: streamtools_rabbitmq(msgs), lambda: raw_aio_pika(msgs))], args.rounds)
+        ok &= report("rabbitmq: 20,000 messages, confirm -> consume -> ack", "streamtools RabbitMQ", a,
+                     "raw aio-pika", b, 0.85)
+    if args.which in ("http", "all"):
+        msgs = messages(5_000)
+        async with HTTPSides() as sides:
+            a, b = await compare([(lambda: streamtools_client(sides.plain_url, msgs),
+                                   lambda: raw_client(sides.plain_url, msgs))], args.rounds)
+            ok &= report("http producer: 5,000 POSTs at concurrency 50 to a plain aiohttp server",
+                         "streamtools HTTPProducer", a, "raw aiohttp ClientSession", b, 0.85)
+            a, b = await compare([(lambda: raw_client(sides.consumer.url, msgs),
+                                   lambda: raw_client(sides.plain_url, msgs))], args.rounds)
+            ok &= report("http consumer: 5,000 POSTs at concurrency 50 from a raw aiohttp client",
+                         "streamtools HTTPConsumer", a, "plain aiohttp handler", b, 0.85)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))
