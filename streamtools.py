@@ -855,13 +855,18 @@ class MemoryProducer(Producer):
     transport = MEMORY
 
     async def _connect(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._broker = _memory_broker()
         self._queue = self._broker.queue(self.queue_name)
 
     async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
+        if self._loop is not asyncio.get_running_loop():  # reused under a new asyncio.run()
+            await self._connect()
         self._queue.put_nowait(message)
 
     async def _request(self, message: Message, timeout: float, **flags: Any) -> Any:
+        if self._loop is not asyncio.get_running_loop():
+            await self._connect()
         future: asyncio.Future[tuple[bytes, str, dict[str, Any]]] = asyncio.get_running_loop().create_future()
         self._broker.replies[message.id] = future
         message.reply_to = message.id
@@ -958,12 +963,15 @@ _rmq_connections: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str,
     weakref.WeakKeyDictionary()
 
 
-def _rmq_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+_Errors = tuple[type[BaseException], ...]
+
+
+def _rmq_errors() -> tuple[_Errors, _Errors]:
     """(errors of a lost connection, errors a retry cannot fix)."""
     _require("aio_pika")
     errors = importlib.import_module("aiormq").exceptions  # aio-pika's own dependency
-    lost = (OSError, errors.AMQPConnectionError, errors.ChannelInvalidStateError, errors.ChannelClosed)
-    fatal = (errors.AuthenticationError, errors.ProbableAuthenticationError, errors.ConnectionNotAllowed,
+    lost: _Errors = (OSError, errors.AMQPConnectionError, errors.ChannelInvalidStateError, errors.ChannelClosed)
+    fatal: _Errors = (errors.AuthenticationError, errors.ProbableAuthenticationError, errors.ConnectionNotAllowed,
              errors.DeliveryError, errors.ChannelAccessRefused, errors.ChannelPreconditionFailed)
     return lost, fatal
 
@@ -987,7 +995,7 @@ async def _rmq_acquire(url: str, connect_timeout: float, reconnect_interval: flo
                 user = urllib.parse.unquote(urllib.parse.urlsplit(url).username or "")
                 raise ConnectionFailed(f"RabbitMQ at {_where(url)} refused user {user!r}: check "
                                        "RMQ_USER, RMQ_PASS and RMQ_VHOST (or RMQ_URL)") from None
-            except (*lost, TimeoutError) as exc:
+            except lost + (TimeoutError,) as exc:
                 raise ConnectionFailed(f"cannot connect to RabbitMQ at {_where(url)} within {connect_timeout}s: "
                                        f"{type(exc).__name__}") from None
         shared.users += 1
@@ -1009,6 +1017,10 @@ class _RabbitMQ:
     """What the RabbitMQ producer and consumer share: settings, the shared
     connection, a channel with publisher confirms, queue declaration and a
     confirmed publish that survives reconnection."""
+
+    queue_name: str
+    _lost: _Errors
+    _fatal: _Errors
 
     def _rmq_setup(self, queue_name: str, url: str | None, host: str | None, port: int | str | None,
                    user: str | None, password: str | None, vhost: str | None, queue_type: str,
@@ -1050,7 +1062,7 @@ class _RabbitMQ:
         await _rmq_release(self._url)
 
     async def _publish(self, message: Message, timeout: float | None, routing_key: str | None = None,
-                       mandatory: bool = True) -> None:
+                       mandatory: bool = True, **flags: Any) -> None:
         """Publish to ``routing_key`` (default: the queue) and wait for the
         broker's confirm. A lost connection is retried until the send timeout:
         the message is either confirmed or an error is raised, never dropped."""
@@ -1073,13 +1085,13 @@ class _RabbitMQ:
                 if self._connection.connected.is_set():  # the hot path, one await deep
                     await self._exchange.publish(amqp_message, routing_key, mandatory=mandatory, timeout=timeout)
                     return
-            except (TimeoutError, *self._fatal):
+            except (TimeoutError,) + self._fatal:
                 raise
             except self._lost as exc:
                 log.warning("publishing to %r on %s failed (%r); retrying as the connection comes back",
                             routing_key, self.where, exc)
             await _retry(publish_when_connected, what=f"publishing to {routing_key!r} on {self.where}",
-                         retry_on=self._lost, fatal=(TimeoutError, *self._fatal), deadline=deadline,
+                         retry_on=self._lost, fatal=(TimeoutError,) + self._fatal, deadline=deadline,
                          base=0.1, cap=2.0)
         except errors.PublishError:
             raise Unroutable(f"RabbitMQ at {self.where} has no queue {routing_key!r} for the message") from None
@@ -1309,7 +1321,7 @@ class HTTPProducer(Producer):
         await self._session.close()
 
     async def _publish(self, message: Message, timeout: float | None, method: str = "POST",
-                       endpoint: str | None = None) -> Any:
+                       endpoint: str | None = None, **flags: Any) -> Any:
         aiohttp = self._aiohttp
         method = method.upper()
         url = endpoint or self.endpoint
@@ -1850,8 +1862,8 @@ class ConsumerRunner:
             if self._http:
                 drain = max(c.drain_timeout for c in self._http)
                 self._server = _HTTPServer(self.host, self.port, self.ssl_context, drain)
-                for consumer in self._http:
-                    self._server.add(consumer)
+                for http_consumer in self._http:
+                    self._server.add(http_consumer)
             for consumer in self.consumers:
                 await consumer.start()
                 started.append(consumer)
@@ -1935,15 +1947,16 @@ def _printable(message: Message) -> dict[str, Any]:
     return line
 
 
-def _transport_options(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+def _transport_options(args: argparse.Namespace, cls: type[Producer] | type[Consumer]) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if getattr(args, "url", None):
         options["url"] = args.url
     if getattr(args, "endpoint", None):
         options["endpoint"] = args.endpoint
-    if getattr(args, "port", None) is not None and cls.listens:
+    listens = getattr(cls, "listens", False)
+    if getattr(args, "port", None) is not None and listens:
         options["port"] = args.port
-    if getattr(args, "host", None) and cls.listens:
+    if getattr(args, "host", None) and listens:
         options["host"] = args.host
     return options
 
@@ -2109,7 +2122,7 @@ async def _cli_demo(args: argparse.Namespace) -> int:
     and announces each order on ``notifications``."""
     kind = args.transport
     cls = CONSUMER_LOOPS[kind]
-    place = {"host": "127.0.0.1", "port": 0} if cls.listens else {}
+    place: dict[str, Any] = {"host": "127.0.0.1", "port": 0} if cls.listens else {}
     pricing, orders, notifications = (cls(f"streamtools-demo.{name}", **place)
                                       for name in ("pricing", "orders", "notifications"))
     prices = {"apple": 0.5, "pear": 0.75, "plum": 0.25}

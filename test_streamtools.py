@@ -699,6 +699,21 @@ class TestMemory:
         assert asyncio.run(main()) == 42  # a second loop gets a fresh broker
         assert got == [21, 21]
 
+    def test_a_producer_reused_under_a_new_loop_reaches_that_loops_consumers(self) -> None:
+        producer = PRODUCERS[MEMORY]("reused")
+        got: list[Any] = []
+
+        async def main(body: str) -> None:
+            consumer = CONSUMER_LOOPS[MEMORY]("reused")
+            consumer()(got.append)
+            async with consumer:
+                await producer.send(body)
+                await until(lambda: body in got, timeout=2, what=body)
+
+        asyncio.run(main("first"))
+        asyncio.run(main("second"))
+        assert got == ["first", "second"]
+
 
 ###############################################################################
 # Transports: RabbitMQ ########################################################
@@ -812,6 +827,27 @@ class TestRabbitMQ:
         await until(lambda: received >= set(confirmed), timeout=60, what="every confirmed message")
         assert not failed, failed[:3]  # it reconnected within the send timeout
         assert received >= set(range(3000))
+
+    async def test_request_reply_survives_a_dropped_connection(self, rmq: Kit) -> None:
+        consumer = rmq.consumer()
+
+        @consumer()
+        async def echo(msg: Any) -> Any:
+            return {"echo": msg}
+
+        await consumer.start()
+        producer = await rmq.producer(consumer)
+        assert await producer.request(1) == {"echo": 1}
+        closer = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", "close_all_connections", "streamtools test", stdout=asyncio.subprocess.DEVNULL)
+        assert await closer.wait() == 0
+        deadline = time.monotonic() + 20
+        while True:  # a request during the reconnection may time out; none may hang
+            try:
+                assert await producer.request(2, timeout=2) == {"echo": 2}
+                break
+            except (streamtools.RequestTimeout, streamtools.SendError):
+                assert time.monotonic() < deadline, "request/reply never came back after the reconnection"
 
     async def test_killed_consumer_process_loses_nothing(self, rmq: Kit, tmp_path: Path) -> None:
         log_file = tmp_path / "seen.txt"

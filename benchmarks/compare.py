@@ -106,7 +106,7 @@ async def raw_aio_pika(msgs: list[dict[str, Any]]) -> float:
             if handled == len(msgs):
                 done.set()
 
-        await queue.consume(on_message)
+        tag = await queue.consume(on_message)
         exchange = publishing.default_exchange
         started = time.perf_counter()
         for start in range(0, len(msgs), 500):
@@ -116,6 +116,7 @@ async def raw_aio_pika(msgs: list[dict[str, Any]]) -> float:
                 for m in msgs[start:start + 500]))
         await done.wait()
         rate = len(msgs) / (time.perf_counter() - started)
+        await queue.cancel(tag)
         await queue.delete(if_unused=False, if_empty=False)
     return rate
 
