@@ -41,6 +41,7 @@ __all__ = [
     "ConsumerRunner",
     "DecodeError",
     "EncodeError",
+    "HEADERS_TAGS",
     "HTTP",
     "HTTPConsumer",
     "HTTPError",
@@ -66,6 +67,7 @@ __all__ = [
     "TEXT",
     "UnknownTransport",
     "Unroutable",
+    "bench",
     "current_message",
     "decode",
     "encode",
@@ -494,27 +496,24 @@ async def _maybe_await(value: Any) -> Any:
 ###############################################################################
 
 
-class Producer:
-    """Sends messages to one queue. Subclasses add a transport's wire.
-
-    :param queue_name: the queue (RabbitMQ), route (HTTP) or in-process queue.
-    """
+class _Endpoint:
+    """What producers and consumers share: a queue name and a connection
+    made once, however many callers ask for it at the same time."""
 
     #: The registry name of the transport.
     transport: ClassVar[str] = ""
-    #: Per-message flags ``send`` takes on this transport.
-    send_flags: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, queue_name: str) -> None:
         self.queue_name = _check_queue_name(queue_name)
         self._ready = False
-        self._init_lock: asyncio.Lock | None = None
+        self._init_lock: asyncio.Lock | None = None  # made in a_init: no event loop is needed before
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.queue_name!r}>"
 
     async def a_init(self) -> None:
-        """Connect. Idempotent and safe to call concurrently; ``send`` calls it."""
+        """Connect (and declare what the transport needs). Idempotent and
+        safe to call concurrently; ``send`` and ``start`` call it."""
         if self._ready:
             return
         if self._init_lock is None:
@@ -523,6 +522,22 @@ class Producer:
             if not self._ready:
                 await self._connect()
                 self._ready = True
+
+    async def _connect(self) -> None:
+        raise NotImplementedError
+
+    async def _disconnect(self) -> None:
+        pass
+
+
+class Producer(_Endpoint):
+    """Sends messages to one queue. Subclasses add a transport's wire.
+
+    :param queue_name: the queue (RabbitMQ), route (HTTP) or in-process queue.
+    """
+
+    #: Per-message flags ``send`` takes on this transport.
+    send_flags: ClassVar[frozenset[str]] = frozenset()
 
     def _message(self, msg: Any, headers_tag: str | None, header_tag: str | None,
                  content_type: str | None, headers: Mapping[str, Any] | None,
@@ -583,12 +598,6 @@ class Producer:
         await self.close()
 
     # The wire, per transport.
-    async def _connect(self) -> None:
-        raise NotImplementedError
-
-    async def _disconnect(self) -> None:
-        pass
-
     async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> Any:
         raise NotImplementedError
 
@@ -596,7 +605,7 @@ class Producer:
         raise NotImplementedError
 
 
-class Consumer:
+class Consumer(_Endpoint):
     """Receives the messages of one queue and hands each to a handler.
 
     The delivery contract lives here, once, for every transport: a message is
@@ -613,7 +622,6 @@ class Consumer:
     :param drain_timeout: how long ``stop()`` waits for running handlers.
     """
 
-    transport: ClassVar[str] = ""
     #: Flags the decorator takes on this transport.
     handler_flags: ClassVar[frozenset[str]] = frozenset()
     #: True where the consumer serves HTTP routes on a host and port.
@@ -622,7 +630,7 @@ class Consumer:
     def __init__(self, queue_name: str, *, prefetch: int = _DEFAULT_PREFETCH,
                  max_retries: int = _DEFAULT_MAX_RETRIES, retry_backoff: float = 0.2,
                  retry_backoff_max: float = 30.0, drain_timeout: float = 30.0) -> None:
-        self.queue_name = _check_queue_name(queue_name)
+        super().__init__(queue_name)
         self.prefetch = _number("prefetch", prefetch, int, 1)
         self.max_retries = _number("max_retries", max_retries, int, 0)
         self.retry_backoff = _number("retry_backoff", retry_backoff)
@@ -631,13 +639,8 @@ class Consumer:
         self.dead_letter_queue = f"{queue_name}.dead"
         self._handlers: dict[str, tuple[Callable[..., Any], bool]] = {}
         self._active: set[asyncio.Task[Any]] = set()
-        self._ready = False
         self._running = False
         self._stopping = False
-        self._init_lock: asyncio.Lock | None = None
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.queue_name!r}>"
 
     def __call__(self, handler: _F | None = None, **flags: Any) -> Any:
         """Register a handler: ``@consumer()`` (or ``@consumer``) above an
@@ -665,17 +668,6 @@ class Consumer:
     def handlers(self) -> list[Callable[..., Any]]:
         """The registered handler functions."""
         return [fn for fn, _ in self._handlers.values()]
-
-    async def a_init(self) -> None:
-        """Connect and declare what the transport needs. Idempotent."""
-        if self._ready:
-            return
-        if self._init_lock is None:
-            self._init_lock = asyncio.Lock()
-        async with self._init_lock:
-            if not self._ready:
-                await self._connect()
-                self._ready = True
 
     async def start(self) -> None:
         """Start handing messages to the handler; returns once consuming."""
@@ -789,12 +781,6 @@ class Consumer:
         await self._ack(message)
 
     # The wire, per transport.
-    async def _connect(self) -> None:
-        raise NotImplementedError
-
-    async def _disconnect(self) -> None:
-        pass
-
     async def _start_intake(self) -> None:
         raise NotImplementedError
 

@@ -188,6 +188,19 @@ async def spawn(script: str, tmp_path: Path, *args: str, **env: str) -> asyncio.
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
 
+@contextlib.asynccontextmanager
+async def serving(app: Any) -> Any:
+    """Serve a plain aiohttp application on a free loopback port; yield the port."""
+    from aiohttp import web
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
 async def wait_healthy(port: int, timeout: float = 15.0) -> None:
     import aiohttp
     deadline = time.monotonic() + timeout
@@ -1032,12 +1045,7 @@ class TestHTTP:
             return web.Response(status=503, text="down " * 100)
 
         app.router.add_post("/down", down)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
+        async with serving(app) as port:
             producer = await http.producer("q", endpoint=f"http://127.0.0.1:{port}/q", retry_backoff=0.01)
             assert await producer.send({"n": 1}) == {"finally": {"n": 1}}
             assert len({message_id for message_id, _ in seen}) == 1
@@ -1045,8 +1053,6 @@ class TestHTTP:
             with pytest.raises(streamtools.HTTPError) as info:
                 await producer.send("x", endpoint=f"http://127.0.0.1:{port}/down")
             assert info.value.status == 503 and info.value.body.startswith("down") and len(info.value.body) < 300
-        finally:
-            await runner.cleanup()
 
     async def test_unreachable_consumer_raises_after_retries(self, http: Kit) -> None:
         port = free_port()
@@ -1083,17 +1089,10 @@ class TestHTTP:
         consumers = ConsumerFactory(HTTP)
         consumers.route("orders")(lambda msg: {"order": msg})
         consumers.mount(app)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        try:
+        async with serving(app) as port:
             producer = await http.producer("orders", endpoint=f"http://127.0.0.1:{port}/orders")
             assert await producer.send({"id": 1}) == {"order": {"id": 1}}
             assert await producer.send(None, method="GET", endpoint=f"http://127.0.0.1:{port}/own") == {"own": True}
-        finally:
-            await runner.cleanup()
 
     async def test_sigterm_finishes_in_flight_requests(self, http: Kit, tmp_path: Path) -> None:
         port = free_port()
