@@ -108,7 +108,6 @@ if TYPE_CHECKING:  # pragma: no cover - names for annotations only
     import ssl
 
     import aio_pika
-    import aiohttp
     from aiohttp import web
 
 #: The library's logger; silent unless the application configures logging.
@@ -931,6 +930,15 @@ def _rmq_url(url: str | None, host: str | None, port: int | str | None, user: st
     return f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(vhost, safe='')}"
 
 
+def _cause(exc: BaseException, url: str) -> str:
+    """An error's text for a message of ours, with the URL's password scrubbed."""
+    text = f"{type(exc).__name__}: {exc}"
+    password = urllib.parse.urlsplit(url).password or ""
+    for secret in {password, urllib.parse.unquote(password)} - {""}:
+        text = text.replace(secret, "***")
+    return text
+
+
 def _where(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     return f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}"
@@ -983,7 +991,7 @@ async def _rmq_acquire(url: str, connect_timeout: float, reconnect_interval: flo
                                        "RMQ_USER, RMQ_PASS and RMQ_VHOST (or RMQ_URL)") from None
             except lost + (TimeoutError,) as exc:
                 raise ConnectionFailed(f"cannot connect to RabbitMQ at {_where(url)} within {connect_timeout}s: "
-                                       f"{type(exc).__name__}") from None
+                                       f"{_cause(exc, url)}") from None
         shared.users += 1
         return shared.connection
 
@@ -1008,7 +1016,7 @@ class _RabbitMQ:
     _lost: _Errors
     _fatal: _Errors
 
-    def _rmq_setup(self, queue_name: str, url: str | None, host: str | None, port: int | str | None,
+    def _rmq_setup(self, url: str | None, host: str | None, port: int | str | None,
                    user: str | None, password: str | None, vhost: str | None, queue_type: str,
                    connect_timeout: float, reconnect_interval: float, send_timeout: float) -> None:
         self._aio_pika = _require("aio_pika")
@@ -1082,13 +1090,14 @@ class _RabbitMQ:
         except errors.PublishError:
             raise Unroutable(f"RabbitMQ at {self.where} has no queue {routing_key!r} for the message") from None
         except errors.DeliveryError as exc:
-            raise SendError(f"RabbitMQ at {self.where} refused the message to {routing_key!r}: {exc}") from None
+            raise SendError(f"RabbitMQ at {self.where} refused the message to {routing_key!r}: "
+                            f"{_cause(exc, self._url)}") from None
         except TimeoutError:
             raise SendError(f"RabbitMQ at {self.where} did not confirm the message to {routing_key!r} "
                             f"within {timeout}s") from None
         except self._lost as exc:
             raise SendError(f"lost the connection to RabbitMQ at {self.where} while sending to "
-                            f"{routing_key!r}: {type(exc).__name__}: {exc}") from None
+                            f"{routing_key!r}: {_cause(exc, self._url)}") from None
 
 
 class RabbitMQProducer(_RabbitMQ, Producer):
@@ -1110,7 +1119,7 @@ class RabbitMQProducer(_RabbitMQ, Producer):
                  vhost: str | None = None, queue_type: str = "classic", connect_timeout: float = 30.0,
                  reconnect_interval: float = 1.0, send_timeout: float = 30.0) -> None:
         super().__init__(queue_name)
-        self._rmq_setup(queue_name, url, host, port, user, password, vhost, queue_type,
+        self._rmq_setup(url, host, port, user, password, vhost, queue_type,
                         connect_timeout, reconnect_interval, send_timeout)
         self._replies: dict[str, asyncio.Future[tuple[bytes, str, dict[str, Any]]]] = {}
         self._reply_consumer: str | None = None
@@ -1170,7 +1179,7 @@ class RabbitMQConsumer(_RabbitMQ, Consumer):
         Consumer.__init__(self, queue_name, prefetch=prefetch, max_retries=max_retries,
                           retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max,
                           drain_timeout=drain_timeout)
-        self._rmq_setup(queue_name, url, host, port, user, password, vhost, queue_type,
+        self._rmq_setup(url, host, port, user, password, vhost, queue_type,
                         connect_timeout, reconnect_interval, send_timeout)
         self._consumer_tag: str | None = None
 
