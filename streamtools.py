@@ -102,6 +102,7 @@ from typing import (
     Mapping,
     Sequence,
     TypeVar,
+    overload,
 )
 
 if TYPE_CHECKING:  # pragma: no cover - names for annotations only
@@ -115,6 +116,7 @@ log = logging.getLogger("streamtools")
 log.addHandler(logging.NullHandler())
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 
 ###############################################################################
@@ -641,7 +643,13 @@ class Consumer(_Endpoint):
         self._running = False
         self._stopping = False
 
-    def __call__(self, handler: _F | None = None, **flags: Any) -> Any:
+    @overload
+    def __call__(self, handler: _F, **flags: Any) -> _F: ...
+
+    @overload
+    def __call__(self, handler: None = None, **flags: Any) -> Callable[[_F], _F]: ...
+
+    def __call__(self, handler: _F | None = None, **flags: Any) -> _F | Callable[[_F], _F]:
         """Register a handler: ``@consumer()`` (or ``@consumer``) above an
         ``async def handler(msg)``; a bound method works too. The handler's
         return value is the reply to a request."""
@@ -1369,9 +1377,9 @@ class HTTPProducer(Producer):
         return await self._publish(message, timeout, **flags)
 
 
-def _json_error(status: int, error: str, **headers: str) -> Any:
-    web = importlib.import_module("aiohttp.web")
-    return web.json_response({"error": error}, status=status, headers=headers or None)
+def _json_error(status: int, error: str, **headers: str) -> web.Response:
+    json_response: Callable[..., web.Response] = importlib.import_module("aiohttp.web").json_response
+    return json_response({"error": error}, status=status, headers=headers or None)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes | None:
@@ -1567,7 +1575,7 @@ _EXTERNAL: Any = object()  # an HTTP consumer mounted on an application someone 
 ###############################################################################
 
 
-class _Registry(dict):  # type: ignore[type-arg]
+class _Registry(dict[str, type[_T]]):
     """A dict of transport classes by name: case-insensitive, with aliases."""
 
     def __init__(self, kind: str) -> None:
@@ -1586,7 +1594,7 @@ class _Registry(dict):  # type: ignore[type-arg]
         valid = sorted(self) + sorted(alias for alias in self.aliases if alias not in own)
         raise UnknownTransport(f"unknown transport {name!r}; choose one of: {', '.join(valid)}")
 
-    def __getitem__(self, name: Any) -> Any:
+    def __getitem__(self, name: Any) -> type[_T]:
         return dict.__getitem__(self, self.canonical(name))
 
     def __contains__(self, name: object) -> bool:
@@ -1599,11 +1607,17 @@ class _Registry(dict):  # type: ignore[type-arg]
     def get(self, name: Any, default: Any = None) -> Any:
         return self[name] if name in self else default
 
+    def add(self, name: str, cls: type[_T], aliases: Iterable[str]) -> None:
+        dict.__setitem__(self, name, cls)
+        for alias in (name, *aliases):
+            self.aliases[alias.lower()] = name
+
 
 #: Producer classes by transport name (``PRODUCERS[RABBITMQ]``, ``PRODUCERS["rabbitmq"]``).
-PRODUCERS = _Registry("producer")
+PRODUCERS: _Registry[Producer] = _Registry("producer")
 #: Consumer classes by transport name; ``CONSUMERS`` is the same object.
-CONSUMER_LOOPS = CONSUMERS = _Registry("consumer")
+CONSUMER_LOOPS: _Registry[Consumer] = _Registry("consumer")
+CONSUMERS = CONSUMER_LOOPS
 
 
 def register_transport(name: str, producer_cls: type[Producer], consumer_cls: type[Consumer],
@@ -1620,10 +1634,9 @@ def register_transport(name: str, producer_cls: type[Producer], consumer_cls: ty
         raise ConfigError(f"producer_cls must subclass streamtools.Producer, got {producer_cls!r}")
     if not (isinstance(consumer_cls, type) and issubclass(consumer_cls, Consumer)):
         raise ConfigError(f"consumer_cls must subclass streamtools.Consumer, got {consumer_cls!r}")
-    for registry, cls in ((PRODUCERS, producer_cls), (CONSUMER_LOOPS, consumer_cls)):
-        dict.__setitem__(registry, name, cls)
-        for alias in (name, *aliases):
-            registry.aliases[alias.lower()] = name
+    aliases = tuple(aliases)
+    PRODUCERS.add(name, producer_cls, aliases)
+    CONSUMER_LOOPS.add(name, consumer_cls, aliases)
 
 
 register_transport(MEMORY, MemoryProducer, MemoryConsumer, aliases=("memory", "asyncio", "inproc"))
@@ -1664,20 +1677,21 @@ class HandleMsgs:
             raise ConfigError(f"config of {queue_name!r} has unknown key(s) {sorted(unknown)}; "
                               "it takes 'name', 'consumer_loop' and 'producer'")
         self.queue_name = config.get("name") or queue_name
-        kinds = {key: config.get(key) for key in ("consumer_loop", "producer")}
-        if not any(kinds.values()):
+        if not config.get("consumer_loop") and not config.get("producer"):
             raise ConfigError(f"config of {queue_name!r} names neither a 'consumer_loop' nor a 'producer'")
-        classes = {}
-        for key, registry in (("consumer_loop", CONSUMER_LOOPS), ("producer", PRODUCERS)):
-            if kinds[key]:
-                try:
-                    classes[key] = registry[kinds[key]]
-                except UnknownTransport as exc:
-                    raise ConfigError(f"{queue_name}.{key}: {exc}") from None
-        self.consumer: Consumer | None = (classes["consumer_loop"](self.queue_name, **(consumer_options or {}))
-                                          if "consumer_loop" in classes else None)
-        self.producer: Producer | None = (classes["producer"](self.queue_name, **(producer_options or {}))
-                                          if "producer" in classes else None)
+        consumer_cls = self._lookup(CONSUMER_LOOPS, config, queue_name, "consumer_loop")
+        producer_cls = self._lookup(PRODUCERS, config, queue_name, "producer")
+        self.consumer = consumer_cls(self.queue_name, **(consumer_options or {})) if consumer_cls else None
+        self.producer = producer_cls(self.queue_name, **(producer_options or {})) if producer_cls else None
+
+    @staticmethod
+    def _lookup(registry: _Registry[_T], config: Mapping[str, Any], queue_name: str, key: str) -> type[_T] | None:
+        if not config.get(key):
+            return None
+        try:
+            return registry[config[key]]
+        except UnknownTransport as exc:
+            raise ConfigError(f"{queue_name}.{key}: {exc}") from None
 
     def __repr__(self) -> str:
         return f"<HandleMsgs {self.queue_name!r} consumer={self.consumer!r} producer={self.producer!r}>"
@@ -2043,8 +2057,8 @@ async def bench(kind: str = MEMORY, n: int = 10000, size: int = 100, concurrency
     queue = "streamtools-bench"
     run_id = _new_id()
     consumer_cls, producer_cls = CONSUMER_LOOPS[kind], PRODUCERS[kind]
-    consumer = consumer_cls(queue, prefetch=max(64, concurrency),
-                            **({"host": "127.0.0.1", "port": 0} if consumer_cls.listens else {}), **options)
+    place: dict[str, Any] = {"host": "127.0.0.1", "port": 0} if consumer_cls.listens else {}
+    consumer = consumer_cls(queue, prefetch=max(64, concurrency), **place, **options)
     latencies: list[float] = []
     done = asyncio.Event()
     clock = time.perf_counter
