@@ -1312,6 +1312,7 @@ class HTTPProducer(Producer):
         token = auth_token if auth_token is not None else os.environ.get("HTTP_AUTH_TOKEN")
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._ssl = ssl_context
+        self._shown_endpoint = _redact(self.endpoint)  # for messages, computed once
 
     async def _connect(self) -> None:
         aiohttp = _require("aiohttp")
@@ -1328,7 +1329,9 @@ class HTTPProducer(Producer):
         aiohttp = self._aiohttp
         method = method.upper()
         url = endpoint or self.endpoint
-        headers = {**message.headers, "X-Message-Id": message.id, **self._auth}
+        shown = self._shown_endpoint if url is self.endpoint else _redact(url)
+        headers = {k: v if isinstance(v, str) else str(v) for k, v in message.headers.items()}
+        headers.update({"X-Message-Id": message.id, **self._auth})
         if message.correlation_id:
             headers["X-Correlation-Id"] = message.correlation_id
         if method in _BODYLESS:
@@ -1352,7 +1355,7 @@ class HTTPProducer(Producer):
                                                  timeout=client_timeout) as response:
                     body = await response.read()
             except TimeoutError:
-                raise RequestTimeout(f"{method} {_redact(url)} got no answer within "
+                raise RequestTimeout(f"{method} {shown} got no answer within "
                                      f"{timeout or self.timeout}s") from None
             if response.status in _RETRY_STATUSES:
                 raise _RetryableStatus(response.status, body)
@@ -1360,15 +1363,15 @@ class HTTPProducer(Producer):
 
         try:
             status, body, ctype = await _retry(
-                once, what=f"{method} {_redact(url)}", retry_on=(aiohttp.ClientConnectionError, _RetryableStatus),
+                once, what=f"{method} {shown}", retry_on=(aiohttp.ClientConnectionError, _RetryableStatus),
                 attempts=self.retries + 1, base=self.retry_backoff, cap=5.0)
         except _RetryableStatus as exc:
-            raise HTTPError(exc.status, _excerpt(exc.body), _redact(url)) from None
+            raise HTTPError(exc.status, _excerpt(exc.body), shown) from None
         except aiohttp.ClientConnectionError as exc:
-            raise SendError(f"cannot reach {_redact(url)} after {attempt} attempt(s): "
+            raise SendError(f"cannot reach {shown} after {attempt} attempt(s): "
                             f"{type(exc).__name__}: {exc}") from None
         if not 200 <= status < 300:
-            raise HTTPError(status, _excerpt(body), _redact(url))
+            raise HTTPError(status, _excerpt(body), shown)
         if status == 202 or not body:
             return None
         return decode(body, ctype)
@@ -1440,7 +1443,7 @@ class _HTTPServer:
             await runner.cleanup()
 
     def url(self, path: str) -> str:
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(self.host, self.host)
         return f"{'https' if self.ssl_context else 'http'}://{host}:{self.port}/{path}"
 
 

@@ -982,6 +982,16 @@ class TestHTTP:
             assert status == 500 and "secret" not in json.dumps(body) and "Traceback" not in json.dumps(body)
         assert calls == ["hi", "quiet", "fail"]  # bad input never reached the handler
 
+    async def test_a_taken_port_is_a_clear_error(self, http: Kit) -> None:
+        first = http.consumer("one")
+        first()(lambda msg: None)
+        await first.start()
+        port = int(first.url.split(":")[2].split("/")[0])
+        second = http.consumer("two", port=port)
+        second()(lambda msg: None)
+        with pytest.raises(streamtools.ConnectionFailed, match=f"cannot listen on 127.0.0.1:{port}"):
+            await second.start()
+
     async def test_get_query_parameters_arrive_as_a_dict(self, http: Kit) -> None:
         consumer = http.consumer()
 
