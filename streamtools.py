@@ -1004,6 +1004,20 @@ async def _rmq_acquire(url: str, connect_timeout: float, reconnect_interval: flo
         return shared.connection
 
 
+async def _closing(what: str, operation: Awaitable[Any]) -> None:
+    """A shutdown step that talks to the broker. aio-pika waits for a lost
+    connection to come back with no limit; a stop must not: by then the
+    broker has taken back every unacknowledged message anyway."""
+    try:
+        async with asyncio.timeout(_CLOSE_TIMEOUT):
+            await operation
+    except Exception as exc:  # gone already, or the broker is unreachable
+        log.debug("%s: %r", what, exc)
+
+
+_CLOSE_TIMEOUT = 5.0
+
+
 async def _rmq_release(url: str) -> None:
     shared = _rmq_connections.get(asyncio.get_running_loop(), {}).get(url)
     if shared is None:
@@ -1012,7 +1026,7 @@ async def _rmq_release(url: str) -> None:
         shared.users -= 1
         if shared.users <= 0 and shared.connection is not None:
             connection, shared.connection = shared.connection, None
-            await connection.close()
+            await _closing(f"closing the connection to {_where(url)}", connection.close())
 
 
 class _RabbitMQ:
@@ -1057,10 +1071,7 @@ class _RabbitMQ:
                               f"use the same queue_type everywhere or delete the queue ({exc})") from None
 
     async def _close_channel(self) -> None:
-        try:
-            await self._channel.close()
-        except Exception as exc:  # already closed with the connection
-            log.debug("closing channel: %r", exc)
+        await _closing(f"closing a channel to {self.where}", self._channel.close())
         await _rmq_release(self._url)
 
     async def _publish(self, message: Message, timeout: float | None, routing_key: str | None = None,
@@ -1210,10 +1221,7 @@ class RabbitMQConsumer(_RabbitMQ, Consumer):
     async def _stop_intake(self) -> None:
         if self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
-            try:
-                await self._queue.cancel(tag)
-            except Exception as exc:
-                log.debug("cancelling consumer of %r: %r", self.queue_name, exc)
+            await _closing(f"cancelling the consumer of {self.queue_name!r}", self._queue.cancel(tag))
 
     async def _on_message(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
         # aio-pika runs this in a task of its own per message; QoS bounds how many.

@@ -77,14 +77,17 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+async def rabbitmqctl(*args: str) -> None:
+    path = shutil.which("rabbitmqctl") or shutil.which("rabbitmqctl", path="/usr/sbin:/usr/lib/rabbitmq/bin")
+    if path is None:
+        pytest.skip("rabbitmqctl is not installed here, so the test cannot act on the broker")
+    command = await asyncio.create_subprocess_exec(path, *args, stdout=asyncio.subprocess.DEVNULL)
+    assert await command.wait() == 0, f"rabbitmqctl {' '.join(args)} failed"
+
+
 async def close_broker_connections() -> None:
     """Have the broker drop every client connection, as a restart or a network cut would."""
-    rabbitmqctl = shutil.which("rabbitmqctl") or shutil.which("rabbitmqctl", path="/usr/sbin:/usr/lib/rabbitmq/bin")
-    if rabbitmqctl is None:
-        pytest.skip("rabbitmqctl is not installed here, so the broker cannot be told to drop connections")
-    closer = await asyncio.create_subprocess_exec(rabbitmqctl, "close_all_connections", "streamtools test",
-                                                  stdout=asyncio.subprocess.DEVNULL)
-    assert await closer.wait() == 0
+    await rabbitmqctl("close_all_connections", "streamtools test")
 
 
 async def delete_queues(names: list[str]) -> None:
@@ -868,6 +871,19 @@ class TestRabbitMQ:
                 break
             except (streamtools.RequestTimeout, streamtools.SendError):
                 assert time.monotonic() < deadline, "request/reply never came back after the reconnection"
+
+    async def test_stop_does_not_hang_while_the_broker_is_down(self, rmq: Kit) -> None:
+        consumer = rmq.consumer()
+        consumer()(lambda msg: None)
+        await consumer.start()
+        await rabbitmqctl("stop_app")
+        try:
+            began = time.monotonic()
+            await asyncio.wait_for(consumer.stop(), 30)
+            assert time.monotonic() - began < 15
+        finally:
+            await rabbitmqctl("start_app")
+            await rabbitmqctl("await_startup")
 
     async def test_killed_consumer_process_loses_nothing(self, rmq: Kit, tmp_path: Path) -> None:
         log_file = tmp_path / "seen.txt"
