@@ -1054,14 +1054,29 @@ class _RabbitMQ:
         #: ``host:port`` of the broker, for messages (never the credentials).
         self.where = _where(self._url)
 
-    async def _open_channel(self) -> None:
+    async def _open(self, *queues: str, prefetch: int = 0) -> list[Any]:
+        """Open a channel on the shared connection, set its QoS and declare
+        durable ``queues``, within ``connect_timeout``: a broker that is down
+        is an error, not a hang."""
         self._connection = await _rmq_acquire(self._url, self.connect_timeout, self.reconnect_interval)
+        self._channel: Any = None
         try:
-            self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        except BaseException:
-            await _rmq_release(self._url)
+            async with asyncio.timeout(self.connect_timeout):
+                await self._connection.connected.wait()  # the shared connection may be reconnecting
+                self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+                self._exchange = self._channel.default_exchange
+                if prefetch:
+                    await self._channel.set_qos(prefetch_count=prefetch)
+                return [await self._declare(name) for name in queues]
+        except BaseException as exc:
+            await self._close_channel()
+            if isinstance(exc, TimeoutError):
+                raise ConnectionFailed(f"RabbitMQ at {self.where} did not open a channel and declare "
+                                       f"{list(queues)} within {self.connect_timeout}s") from None
+            if isinstance(exc, self._lost + (RuntimeError,)):  # aio-pika: "Connection was not opened"
+                raise ConnectionFailed(f"lost the connection to RabbitMQ at {self.where} while opening a "
+                                       f"channel: {_cause(exc, self._url)}") from None
             raise
-        self._exchange = self._channel.default_exchange
 
     async def _declare(self, name: str) -> Any:
         try:
@@ -1071,7 +1086,8 @@ class _RabbitMQ:
                               f"use the same queue_type everywhere or delete the queue ({exc})") from None
 
     async def _close_channel(self) -> None:
-        await _closing(f"closing a channel to {self.where}", self._channel.close())
+        if self._channel is not None:
+            await _closing(f"closing a channel to {self.where}", self._channel.close())
         await _rmq_release(self._url)
 
     async def _publish(self, message: Message, timeout: float | None, routing_key: str | None = None,
@@ -1144,12 +1160,7 @@ class RabbitMQProducer(_RabbitMQ, Producer):
         self._reply_consumer: str | None = None
 
     async def _connect(self) -> None:
-        await self._open_channel()
-        try:
-            await self._declare(self.queue_name)
-        except BaseException:
-            await self._close_channel()
-            raise
+        await self._open(self.queue_name)
 
     async def _disconnect(self) -> None:
         self._reply_consumer = None
@@ -1203,14 +1214,7 @@ class RabbitMQConsumer(_RabbitMQ, Consumer):
         self._consumer_tag: str | None = None
 
     async def _connect(self) -> None:
-        await self._open_channel()
-        try:
-            await self._channel.set_qos(prefetch_count=self.prefetch)
-            self._queue = await self._declare(self.queue_name)
-            await self._declare(self.dead_letter_queue)
-        except BaseException:
-            await self._close_channel()
-            raise
+        self._queue, _ = await self._open(self.queue_name, self.dead_letter_queue, prefetch=self.prefetch)
 
     async def _disconnect(self) -> None:
         await self._close_channel()
