@@ -1986,7 +1986,7 @@ def _transport_options(args: argparse.Namespace, cls: type[Producer] | type[Cons
 
 
 async def _cli_send(args: argparse.Namespace) -> int:
-    cls = PRODUCERS[args.kind]
+    cls = PRODUCERS[args.transport]
     async with cls(args.queue, **_transport_options(args, cls)) as producer:
         body = _body_from_text(args.message)
         if args.request:
@@ -1999,7 +1999,7 @@ async def _cli_send(args: argparse.Namespace) -> int:
 
 
 async def _cli_listen(args: argparse.Namespace) -> int:
-    cls = CONSUMER_LOOPS[args.kind]
+    cls = CONSUMER_LOOPS[args.transport]
     consumer = cls(args.queue, **_transport_options(args, cls))
     seen = 0
     done = asyncio.Event()
@@ -2192,7 +2192,7 @@ async def _cli_demo(args: argparse.Namespace) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    names = sorted(set(PRODUCERS.aliases))
+    kinds = ", ".join(sorted(set(PRODUCERS.aliases) - {name.lower() for name in PRODUCERS}))
     parser = argparse.ArgumentParser(prog="streamtools", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"streamtools {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
@@ -2202,18 +2202,23 @@ def _build_parser() -> argparse.ArgumentParser:
         command.add_argument("--url", help="RabbitMQ URL (default from RMQ_URL / RMQ_HOST...)")
         command.add_argument("--endpoint", help="HTTP URL to send to (default http://$HTTP_HOST/QUEUE)")
 
-    send = commands.add_parser("send", help="send one message", description=f"transports: {', '.join(names)}")
-    send.add_argument("kind", metavar="KIND")
-    send.add_argument("queue", metavar="QUEUE")
-    send.add_argument("message", metavar="MESSAGE", help="JSON, else sent as text")
+    def transport_first(command: argparse.ArgumentParser, *slots: str) -> None:
+        # `send rabbitmq QUEUE MSG` and `send --transport rabbitmq QUEUE MSG` both work.
+        command.add_argument("words", nargs="+", metavar="ARG", help=f"[KIND] {' '.join(slots)}")
+        command.add_argument("--transport", metavar="KIND", help=f"instead of KIND: {kinds}")
+        command.set_defaults(word_names=slots)
+
+    send = commands.add_parser("send", help="send one message", usage="%(prog)s [options] [KIND] QUEUE MESSAGE",
+                               description="Send MESSAGE (JSON, else text) to QUEUE.")
+    transport_first(send, "QUEUE", "MESSAGE")
     send.add_argument("--request", action="store_true", help="wait for the reply and print it")
     send.add_argument("--timeout", type=float, default=10.0)
     transport_options(send)
     send.set_defaults(run=_cli_send)
 
-    listen = commands.add_parser("listen", help="print each message received as a JSON line")
-    listen.add_argument("kind", metavar="KIND")
-    listen.add_argument("queue", metavar="QUEUE")
+    listen = commands.add_parser("listen", help="print each message received as a JSON line",
+                                 usage="%(prog)s [options] [KIND] QUEUE")
+    transport_first(listen, "QUEUE")
     listen.add_argument("--count", type=int, default=0, help="exit after this many messages")
     listen.add_argument("--host", help="HTTP: address to listen on")
     listen.add_argument("--port", type=int, help="HTTP: port to listen on")
@@ -2249,14 +2254,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.verbose:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    for name in ("kind", "transport"):
-        if hasattr(args, name) and getattr(args, name) not in PRODUCERS:
-            parser.error(str(UnknownTransport(f"unknown transport {getattr(args, name)!r}; choose one of: "
-                                              f"{', '.join(sorted(PRODUCERS.aliases))}")))
+    if hasattr(args, "words"):
+        words = list(args.words)
+        if args.transport is None and len(words) == len(args.word_names) + 1:
+            args.transport = words.pop(0)
+        if args.transport is None or len(words) != len(args.word_names):
+            parser.error(f"{args.command} takes KIND {' '.join(args.word_names)} (or --transport KIND "
+                         f"{' '.join(args.word_names)}), got {len(args.words)} argument(s)")
+        for name, word in zip(args.word_names, words):
+            setattr(args, name.lower(), word)
+    if hasattr(args, "transport") and args.transport not in PRODUCERS:
+        parser.error(str(UnknownTransport(f"unknown transport {args.transport!r}; choose one of: "
+                                          f"{', '.join(sorted(PRODUCERS.aliases))}")))
     for flag, name in (("-n", "n"), ("--concurrency", "concurrency"), ("--size", "size")):
         if getattr(args, name, 1) < (0 if name == "size" else 1):
             parser.error(f"{flag} must be at least {0 if name == 'size' else 1}")
-    if getattr(args, "kind", None) and PRODUCERS.canonical(args.kind) == MEMORY and args.command != "run":
+    if args.command in ("send", "listen") and PRODUCERS.canonical(args.transport) == MEMORY:
         parser.error("the memory transport lives inside one process, so a message sent from (or listened "
                      "for in) this command reaches no other program; use rabbitmq or http, or try "
                      "`streamtools demo`")

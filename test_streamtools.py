@@ -792,6 +792,20 @@ class TestRabbitMQ:
         with pytest.raises(streamtools.Unroutable, match=rmq.queue):
             await producer.send("nobody home")
 
+    async def test_a_message_the_broker_refuses_is_an_error(self, rmq: Kit) -> None:
+        queue = f"st-reject-{uuid.uuid4().hex[:8]}"
+        rmq.queues.add(queue)
+        # A full queue with overflow=reject-publish makes the broker nack new messages.
+        await rabbitmqctl("set_policy", queue, f"^{queue}$", '{"max-length": 0, "overflow": "reject-publish"}',
+                          "--apply-to", "queues")
+        try:
+            producer = await rmq.producer(queue)
+            await asyncio.sleep(0.5)  # the policy reaches the new queue
+            with pytest.raises(streamtools.SendError, match=f"refused the message to '{queue}'"):
+                await producer.send("no room")
+        finally:
+            await rabbitmqctl("clear_policy", queue)
+
     async def test_quorum_queue_and_mismatched_declaration(self, rmq: Kit) -> None:
         got: list[Any] = []
         consumer = rmq.consumer(queue_type="quorum", max_retries=1, retry_backoff=0.01)
@@ -1274,7 +1288,7 @@ class TestLegacyUsage:
                 await producer.a_init()
                 assert await producer.send({"id": number}) == {"queue": number, "msg": {"id": number}}
         finally:
-            child.send_signal(signal.SIGTERM)
+            child.send_signal(signal.SIGINT)  # Ctrl-C: a graceful stop too
             assert await asyncio.wait_for(child.wait(), 30) == 0
 
     async def test_runner_pairs_legacy_handlers_and_embeds(self, http: Kit) -> None:
@@ -1347,6 +1361,12 @@ class TestCLI:
             streamtools.main(["listen", "kafka", "q"])
         assert "choose one of" in capsys.readouterr().err
         with pytest.raises(SystemExit):
+            streamtools.main(["send", "rabbitmq", "q"])
+        assert "send takes KIND QUEUE MESSAGE (or --transport KIND QUEUE MESSAGE)" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            streamtools.main(["listen", "--transport", "rabbitmq", "q", "extra"])
+        assert "listen takes KIND QUEUE" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
             streamtools.main(["bench", "-n", "0"])
         assert "-n must be at least 1" in capsys.readouterr().err
         assert streamtools.main(["run", "no_such_module_here:app"]) == 1
@@ -1356,7 +1376,8 @@ class TestCLI:
     async def test_send_and_listen_over_rabbitmq(self, rmq: Kit) -> None:
         rmq.queues.update((rmq.queue, f"{rmq.queue}.dead"))
         listener = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "streamtools", "listen", "rabbitmq", rmq.queue, "--url", RMQ_URL, "--count", "2",
+            sys.executable, "-m", "streamtools", "listen", "--transport", "rabbitmq", rmq.queue, "--url", RMQ_URL,
+            "--count", "2",
             env=child_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         assert listener.stderr is not None
         assert b"listening" in await asyncio.wait_for(listener.stderr.readline(), 30)
@@ -1378,7 +1399,7 @@ class TestCLI:
             str(port), "--count", "1", env=child_env(), stdout=asyncio.subprocess.PIPE)
         await wait_healthy(port)
         sender = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "streamtools", "send", "http", "inbox", "[1, 2]", "--endpoint",
+            sys.executable, "-m", "streamtools", "send", "--transport", "http", "inbox", "[1, 2]", "--endpoint",
             f"http://127.0.0.1:{port}/inbox", env=child_env())
         assert await sender.wait() == 0
         out, _ = await asyncio.wait_for(listener.communicate(), 30)
