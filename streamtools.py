@@ -1336,12 +1336,16 @@ class HTTPProducer(Producer):
     async def _disconnect(self) -> None:
         await self._session.close()
 
+    def _shown(self, endpoint: str | None) -> str:
+        """The URL a request goes to, fit for a message (no password)."""
+        return _redact(endpoint) if endpoint else self._shown_endpoint
+
     async def _publish(self, message: Message, timeout: float | None, method: str = "POST",
                        endpoint: str | None = None, **flags: Any) -> Any:
         aiohttp = self._aiohttp
         method = method.upper()
         url = endpoint or self.endpoint
-        shown = self._shown_endpoint if url is self.endpoint else _redact(url)
+        shown = self._shown(endpoint)
         headers = {k: v if isinstance(v, str) else str(v) for k, v in message.headers.items()}
         headers.update({"X-Message-Id": message.id, **self._auth})
         if message.correlation_id:
@@ -1389,7 +1393,13 @@ class HTTPProducer(Producer):
         return decode(body, ctype)
 
     async def _request(self, message: Message, timeout: float, **flags: Any) -> Any:
-        return await self._publish(message, timeout, **flags)
+        try:
+            async with asyncio.timeout(timeout):  # retries included: the caller's deadline is the whole exchange
+                return await self._publish(message, timeout, **flags)
+        except RequestTimeout:
+            raise
+        except TimeoutError:
+            raise RequestTimeout(f"no answer from {self._shown(flags.get('endpoint'))} within {timeout}s") from None
 
 
 def _json_error(status: int, error: str, **headers: str) -> web.Response:

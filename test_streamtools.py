@@ -1104,6 +1104,21 @@ class TestHTTP:
                 await producer.send("x", endpoint=f"http://127.0.0.1:{port}/down")
             assert info.value.status == 503 and info.value.body.startswith("down") and len(info.value.body) < 300
 
+    async def test_a_request_timeout_bounds_its_retries(self, http: Kit) -> None:
+        from aiohttp import web
+
+        async def busy(request: web.Request) -> web.Response:
+            return web.Response(status=503)
+
+        app = web.Application()
+        app.router.add_post("/q", busy)
+        async with serving(app) as port:
+            producer = await http.producer("q", endpoint=f"http://127.0.0.1:{port}/q", retries=10, retry_backoff=0.3)
+            began = time.monotonic()
+            with pytest.raises(streamtools.RequestTimeout, match="within 0.5s"):
+                await producer.request("anyone?", timeout=0.5)
+            assert time.monotonic() - began < 1.5
+
     async def test_unreachable_consumer_raises_after_retries(self, http: Kit) -> None:
         port = free_port()
         producer = await http.producer("q", endpoint=f"http://127.0.0.1:{port}/q", retries=2, retry_backoff=0.01)
