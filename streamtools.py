@@ -1481,6 +1481,9 @@ class HTTPConsumer(Consumer):
     :param max_body: largest body accepted, in bytes (413 above).
     :param auth_token: require ``Authorization: Bearer <token>``; else ``HTTP_AUTH_TOKEN``.
     :param ssl_context: serve HTTPS.
+
+    ``max_retries`` and the backoff options are accepted, so transport-agnostic
+    code can pass them, and unused: the producer retries.
     """
 
     transport = HTTP
