@@ -1037,6 +1037,7 @@ class _RabbitMQ:
     queue_name: str
     _lost: _Errors
     _fatal: _Errors
+    _no_retry: _Errors
 
     def _rmq_setup(self, url: str | None, host: str | None, port: int | str | None,
                    user: str | None, password: str | None, vhost: str | None, queue_type: str,
@@ -1050,6 +1051,7 @@ class _RabbitMQ:
         self.reconnect_interval = _number("reconnect_interval", reconnect_interval)
         self.send_timeout = _number("send_timeout", send_timeout)
         self._lost, self._fatal = _rmq_errors()
+        self._no_retry = (TimeoutError,) + self._fatal  # a retry would resend, or cannot help
         self._errors = importlib.import_module("aiormq").exceptions
         #: ``host:port`` of the broker, for messages (never the credentials).
         self.where = _where(self._url)
@@ -1103,25 +1105,17 @@ class _RabbitMQ:
             message.data, content_type=message.content_type, headers=message.headers or None,
             message_id=message.id, correlation_id=message.correlation_id, reply_to=message.reply_to,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-
-        async def publish_when_connected() -> None:
-            # The robust channel waits for a reconnection with no limit: bound it.
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                await self._exchange.publish(amqp_message, routing_key, mandatory=mandatory)
-
         try:
             try:
                 if self._connection.connected.is_set():  # the hot path, one await deep
                     await self._exchange.publish(amqp_message, routing_key, mandatory=mandatory, timeout=timeout)
                     return
-            except (TimeoutError,) + self._fatal:
+            except self._no_retry:
                 raise
             except self._lost as exc:
                 log.warning("publishing to %r on %s failed (%r); retrying as the connection comes back",
                             routing_key, self.where, exc)
-            await _retry(publish_when_connected, what=f"publishing to {routing_key!r} on {self.where}",
-                         retry_on=self._lost, fatal=(TimeoutError,) + self._fatal, deadline=deadline,
-                         base=0.1, cap=2.0)
+            await self._publish_reconnecting(amqp_message, routing_key, mandatory, deadline)
         except errors.PublishError:
             raise Unroutable(f"RabbitMQ at {self.where} has no queue {routing_key!r} for the message") from None
         except errors.DeliveryError as exc:
@@ -1133,6 +1127,17 @@ class _RabbitMQ:
         except self._lost as exc:
             raise SendError(f"lost the connection to RabbitMQ at {self.where} while sending to "
                             f"{routing_key!r}: {_cause(exc, self._url)}") from None
+
+
+    async def _publish_reconnecting(self, amqp_message: Any, routing_key: str, mandatory: bool,
+                                    deadline: float) -> None:
+        async def publish() -> None:
+            # The robust channel waits for a reconnection with no limit: bound it.
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await self._exchange.publish(amqp_message, routing_key, mandatory=mandatory)
+
+        await _retry(publish, what=f"publishing to {routing_key!r} on {self.where}", retry_on=self._lost,
+                     fatal=self._no_retry, deadline=deadline, base=0.1, cap=2.0)
 
 
 class RabbitMQProducer(_RabbitMQ, Producer):
