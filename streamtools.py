@@ -65,6 +65,7 @@ __all__ = [
     "SendError",
     "StreamtoolsError",
     "TEXT",
+    "UnknownOption",
     "UnknownTransport",
     "Unroutable",
     "bench",
@@ -75,10 +76,12 @@ __all__ = [
     "register_transport",
 ]
 
+import abc
 import argparse
 import asyncio
 import base64
 import contextvars
+import dataclasses
 import hmac
 import importlib
 import inspect
@@ -88,6 +91,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import sys
 import time
 import urllib.parse
@@ -99,7 +103,9 @@ from typing import (
     Callable,
     ClassVar,
     Iterable,
+    Iterator,
     Mapping,
+    Self,
     Sequence,
     TypeVar,
     overload,
@@ -148,15 +154,23 @@ def _setting(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
-def _number(name: str, value: Any, kind: type = float, minimum: float = 0) -> Any:
+def _number(name: str, value: Any, kind: type = float, minimum: float = 0,
+            maximum: float | None = None) -> Any:
     """Check a numeric option and say what to fix when it is wrong."""
     try:
         number = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if number < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value!r}")
+    if number < minimum or (maximum is not None and number > maximum):
+        bound = f"from {minimum} to {maximum}" if maximum is not None else f"at least {minimum}"
+        raise ConfigError(f"{name} must be {bound}, got {value!r}")
     return number
+
+
+def _port(name: str, value: Any, minimum: int = 0) -> int:
+    """A TCP port number (0 picks a free one where that makes sense)."""
+    port: int = _number(name, value, int, minimum, 65535)
+    return port
 
 
 def _check_queue_name(name: Any) -> str:
@@ -193,6 +207,10 @@ class ConfigError(StreamtoolsError, ValueError):
     """Bad configuration or argument; the message says what to fix."""
 
 
+class UnknownOption(ConfigError, TypeError):
+    """A producer or consumer was given an option its transport does not take."""
+
+
 class UnknownTransport(ConfigError, KeyError):
     """A transport name that no registry knows; the message lists valid ones."""
 
@@ -201,7 +219,7 @@ class UnknownTransport(ConfigError, KeyError):
 
 
 class MissingDependency(StreamtoolsError, ImportError):
-    """A transport's client library is not installed; names the pip extra."""
+    """A transport's client library is not installed; names the package."""
 
 
 class EncodeError(StreamtoolsError, TypeError):
@@ -347,35 +365,29 @@ def decode(data: bytes, content_type: str | None) -> Any:
         raise DecodeError(f"body is not valid {content_type}: {exc}") from None
 
 
+@dataclasses.dataclass(slots=True, kw_only=True, eq=False)
 class Message:
     """The envelope of a message a handler is working on.
 
     Read it with :func:`current_message` inside a handler. ``body`` is the
     decoded body, ``data`` the bytes on the wire, ``attempt`` counts deliveries
     (1 the first time), ``redelivered`` tells whether the transport gave it
-    before. ``correlation_id`` and ``reply_to`` are set on requests.
+    before. ``correlation_id`` and ``reply_to`` are set on requests. ``raw``
+    is the transport's own message object (aio-pika ``IncomingMessage``,
+    aiohttp ``Request``...), for what the envelope does not carry.
     """
 
-    __slots__ = ("body", "data", "content_type", "headers", "id", "correlation_id",
-                 "reply_to", "attempt", "queue", "redelivered", "raw")
-
-    def __init__(self, body: Any, data: bytes, content_type: str, headers: dict[str, Any],
-                 id: str, queue: str, correlation_id: str | None = None,
-                 reply_to: str | None = None, attempt: int = 1, redelivered: bool = False,
-                 raw: Any = None) -> None:
-        self.body = body
-        self.data = data
-        self.content_type = content_type
-        self.headers = headers
-        self.id = id
-        self.queue = queue
-        self.correlation_id = correlation_id
-        self.reply_to = reply_to
-        self.attempt = attempt
-        self.redelivered = redelivered
-        #: The transport's own message object (aio-pika ``IncomingMessage``,
-        #: aiohttp ``Request``), for what the envelope does not carry.
-        self.raw = raw
+    body: Any = None
+    data: bytes = b""
+    content_type: str = BINARY
+    headers: dict[str, Any] = dataclasses.field(default_factory=dict)
+    id: str = ""
+    queue: str = ""
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    attempt: int = 1
+    redelivered: bool = False
+    raw: Any = None
 
     def __repr__(self) -> str:
         return f"<Message {self.id} queue={self.queue!r} attempt={self.attempt} {self.content_type}>"
@@ -414,6 +426,19 @@ def _new_id() -> str:
     return f"{_id_prefix}-{next(_id_counter):x}"
 
 
+#: Header of a request: when (epoch milliseconds) its requester stops
+#: waiting. A consumer drops a request found after that, unhandled.
+_EXPIRES = "x-expires-at"
+
+
+def _reply_payload(result: Any, error: str | None) -> tuple[bytes, str, dict[str, Any]]:
+    """The wire form of a reply: the handler's return value, or its error."""
+    if error is not None:
+        return b"", TEXT, {"x-error": error}
+    data, content_type = encode(result)
+    return data, content_type, {}
+
+
 def _reply_value(data: bytes, content_type: str, headers: Mapping[str, Any], queue: str) -> Any:
     """What ``request()`` returns for a reply, or the consumer's error."""
     error = headers.get("x-error")
@@ -426,24 +451,39 @@ def _reply_value(data: bytes, content_type: str, headers: Mapping[str, Any], que
 # Shared machinery: lazy imports, retries, flags ##############################
 ###############################################################################
 
-#: Which pip extra brings each optional client library.
-_EXTRAS = {"aio_pika": "rabbitmq", "aiohttp": "http", "aiohttp.web": "http"}
+_quiet = logging.NullHandler()
 
 
-def _require(module: str) -> Any:
-    """Import an optional client library, or say which extra installs it."""
+def _require(module: str, package: str, *loggers: str) -> Any:
+    """Import a transport's client library, or say which package installs it.
+
+    The client's loggers (``module`` and ``loggers``) get a ``NullHandler``:
+    an application that configured no logging hears nothing from them, as
+    from streamtools, instead of tracebacks through logging's last resort.
+    """
     try:
-        return importlib.import_module(module)
+        client = importlib.import_module(module)
     except ImportError as exc:
-        extra = _EXTRAS[module]
-        raise MissingDependency(
-            f"the {extra} transport needs {module.split('.')[0]}: pip install \"streamtools[{extra}]\""
-        ) from exc
+        raise MissingDependency(f"this transport needs the {package} package: pip install {package}") from exc
+    for name in (module.partition(".")[0], *loggers):
+        logging.getLogger(name).addHandler(_quiet)  # idempotent: the same handler object
+    return client
+
+
+async def _resolve(host: str, port: int, what: str) -> None:
+    """Fail at once on a host name that does not resolve: retrying a typo
+    for the whole connect timeout only hides it."""
+    try:
+        await asyncio.get_running_loop().getaddrinfo(host, port)
+    except socket.gaierror as exc:
+        if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+            raise ConnectionFailed(f"{what}: host {host!r} does not resolve ({exc.strerror})") from None
+        # EAI_AGAIN and the like may pass: let the connect retries see them.
 
 
 def _backoff(attempt: int, base: float, cap: float) -> float:
     """Exponential backoff with jitter, so retrying clients do not march in step."""
-    return min(cap, base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+    return min(cap, base * 2.0 ** (attempt - 1)) * (0.5 + random.random() / 2)
 
 
 async def _retry(operation: Callable[[], Awaitable[Any]], *, what: str,
@@ -473,23 +513,15 @@ async def _retry(operation: Callable[[], Awaitable[Any]], *, what: str,
             await asyncio.sleep(delay)
 
 
-#: Every per-message flag some transport takes. A transport ignores the flags
-#: of the others, so transport-agnostic code can pass them; any other name is
-#: an error.
-_KNOWN_FLAGS = frozenset({"method", "endpoint"})
+#: Every per-message flag some registered transport takes (see register_transport).
+_known_flags: set[str] = set()
 
 
 def _check_flags(flags: dict[str, Any], own: frozenset[str], what: str) -> dict[str, Any]:
-    unknown = set(flags) - _KNOWN_FLAGS - own
+    unknown = set(flags) - _known_flags - own
     if unknown:
         raise ConfigError(f"{what} got unknown flag(s) {sorted(unknown)}; it takes {sorted(own) or 'none'}")
     return {k: v for k, v in flags.items() if k in own}
-
-
-async def _maybe_await(value: Any) -> Any:
-    if inspect.isawaitable(value):
-        return await value
-    return value
 
 
 ###############################################################################
@@ -497,20 +529,48 @@ async def _maybe_await(value: Any) -> Any:
 ###############################################################################
 
 
-class _Endpoint:
-    """What producers and consumers share: a queue name and a connection
-    made once, however many callers ask for it at the same time."""
+class _Endpoint(abc.ABC):
+    """What producers and consumers share: a queue name, the transport's
+    facts, options checked once, and a connection made once however many
+    callers ask for it at the same time.
 
-    #: The registry name of the transport.
+    A transport declares its facts as class attributes (read by the
+    registries, the CLI, the helpers and the tests) and takes its own options
+    as keyword parameters of ``_setup``.
+    """
+
+    #: The registry name of the transport (set by :func:`register_transport`).
     transport: ClassVar[str] = ""
+    #: The client library the transport imports, and the pip package with it.
+    client: ClassVar[tuple[str, str] | None] = None
+    #: True where a broker stores messages between producer and consumer
+    #: (a message waits for a consumer; retries and dead letters apply).
+    brokered: ClassVar[bool] = True
 
-    def __init__(self, queue_name: str) -> None:
+    def __init__(self, queue_name: str, **options: Any) -> None:
         self.queue_name = _check_queue_name(queue_name)
         self._ready = False
         self._init_lock: asyncio.Lock | None = None  # made in a_init: no event loop is needed before
+        try:
+            inspect.signature(self._setup).bind(**options)
+        except TypeError:
+            takes = [p for p in inspect.signature(self._setup).parameters if p != "options"]
+            raise UnknownOption(f"{type(self).__name__} got unknown option(s) {sorted(options)}; "
+                              f"it takes {sorted(takes) or 'none'}") from None
+        self._setup(**options)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.queue_name!r}>"
+
+    def _setup(self) -> None:
+        """Take the transport's own options (keyword parameters with defaults)."""
+
+    @classmethod
+    def _client(cls, module: str | None = None) -> Any:
+        """The transport's client library (or one of its modules), imported now."""
+        if cls.client is None:
+            raise ConfigError(f"{cls.__name__} declares no client library")
+        return _require(module or cls.client[0], cls.client[1])
 
     async def a_init(self) -> None:
         """Connect (and declare what the transport needs). Idempotent and
@@ -524,28 +584,44 @@ class _Endpoint:
                 await self._connect()
                 self._ready = True
 
+    @abc.abstractmethod
     async def _connect(self) -> None:
-        raise NotImplementedError
+        """Connect and declare the queue; raise ConnectionFailed otherwise."""
 
+    @abc.abstractmethod
     async def _disconnect(self) -> None:
-        pass
+        """Release what ``_connect`` took; bounded in time, never raises."""
+
+
+_ReplyFuture = asyncio.Future[tuple[bytes, str, dict[str, Any]]]
 
 
 class Producer(_Endpoint):
-    """Sends messages to one queue. Subclasses add a transport's wire.
+    """Sends messages to one queue. A transport writes its wire in
+    ``_publish`` and, for request/reply, ``_reply_address``.
 
     :param queue_name: the queue (RabbitMQ), route (HTTP) or in-process queue.
     """
 
-    #: Per-message flags ``send`` takes on this transport.
+    #: Per-message flags ``send`` takes on this transport (others' are ignored).
     send_flags: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, queue_name: str, **options: Any) -> None:
+        super().__init__(queue_name, **options)
+        self._replies: dict[str, _ReplyFuture] = {}
+        self._closed = False
 
     def _message(self, msg: Any, headers_tag: str | None, header_tag: str | None,
                  content_type: str | None, headers: Mapping[str, Any] | None,
                  message_id: str | None) -> Message:
         data, ctype = encode(msg, _content_type(headers_tag or header_tag, content_type))
-        return Message(msg, data, ctype, dict(headers) if headers else {},
-                       message_id or _new_id(), self.queue_name)
+        return Message(body=msg, data=data, content_type=ctype, headers=dict(headers) if headers else {},
+                       id=message_id or _new_id(), queue=self.queue_name)
+
+    async def _ensure_open(self) -> None:
+        if self._closed:
+            raise SendError(f"{self!r} is closed; create a new producer to send again")
+        await self.a_init()
 
     async def send(self, msg: Any, *, headers_tag: str | None = None, header_tag: str | None = None,
                    content_type: str | None = None, headers: Mapping[str, Any] | None = None,
@@ -564,46 +640,108 @@ class Producer(_Endpoint):
         """
         if flags:
             flags = _check_flags(flags, self.send_flags, f"{type(self).__name__}.send()")
+        if timeout is not None:
+            timeout = _number("timeout", timeout, float, 0.001)
         message = self._message(msg, headers_tag, header_tag, content_type, headers, message_id)
         if not self._ready:
-            await self.a_init()
+            await self._ensure_open()
         return await self._publish(message, timeout, **flags)
 
     async def request(self, msg: Any, timeout: float = 5.0, *, headers_tag: str | None = None,
                       header_tag: str | None = None, content_type: str | None = None,
                       headers: Mapping[str, Any] | None = None, **flags: Any) -> Any:
-        """Send ``msg`` and return the handler's return value.
+        """Send ``msg`` and return the handler's return value. The request
+        expires with ``timeout``: a consumer that finds it later drops it.
 
         :raises RequestTimeout: no reply within ``timeout`` seconds.
         :raises RemoteError: the handler failed on every attempt.
         """
         if flags:
             flags = _check_flags(flags, self.send_flags, f"{type(self).__name__}.request()")
+        timeout = _number("timeout", timeout, float, 0.001)
         message = self._message(msg, headers_tag, header_tag, content_type, headers, None)
         message.correlation_id = message.id
+        message.headers[_EXPIRES] = int((time.time() + timeout) * 1000)
         if not self._ready:
-            await self.a_init()
-        return await self._request(message, _number("timeout", timeout), **flags)
+            await self._ensure_open()
+        return await self._request(message, timeout, **flags)
+
+    async def _request(self, message: Message, timeout: float, **flags: Any) -> Any:
+        """Publish with a reply address and wait for the reply the transport
+        hands to ``_on_reply``. Synchronous transports override this."""
+        future: _ReplyFuture = asyncio.get_running_loop().create_future()
+        self._replies[message.id] = future
+        try:
+            async with asyncio.timeout(timeout):
+                message.reply_to = await self._reply_address()
+                await self._publish(message, timeout, **flags)
+                data, ctype, headers = await future
+        except TimeoutError:
+            raise RequestTimeout(f"no reply from queue {self.queue_name!r} within {timeout}s") from None
+        finally:
+            self._replies.pop(message.id, None)
+        return _reply_value(data, ctype, headers, self.queue_name)
+
+    def _on_reply(self, correlation_id: str | None, data: bytes, content_type: str,
+                  headers: dict[str, Any]) -> None:
+        """Hand a reply to the request waiting for it; a late one is dropped."""
+        future = self._replies.get(correlation_id or "")
+        if future is not None and not future.done():
+            future.set_result((data, content_type, headers))
 
     async def close(self) -> None:
-        """Release connections. Idempotent."""
+        """Release connections. Idempotent; the producer cannot send afterwards."""
+        self._closed = True
         if self._ready:
             self._ready = False
             await self._disconnect()
 
-    async def __aenter__(self) -> Producer:
-        await self.a_init()
+    async def __aenter__(self) -> Self:
+        await self._ensure_open()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.close()
 
-    # The wire, per transport.
+    @abc.abstractmethod
     async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> Any:
-        raise NotImplementedError
+        """Hand ``message`` to the transport; return once it took
+        responsibility (or the reply, on synchronous transports), else raise
+        SendError. ``flags`` are this transport's ``send_flags``."""
 
-    async def _request(self, message: Message, timeout: float, **flags: Any) -> Any:
-        raise NotImplementedError
+    async def _reply_address(self) -> str:
+        """Where replies to this producer's requests go; called per request,
+        it sets up the reply listener once (safely under concurrency)."""
+        raise ConfigError(f"{type(self).__name__} does not support request()")
+
+
+_Handler = Callable[[Any], Awaitable[Any]]
+
+
+def _as_handler(fn: Callable[..., Any], queue: str) -> _Handler:
+    """Check that ``fn`` takes the message, and make it awaitable: a plain
+    ``def`` runs in a worker thread so it cannot block the event loop."""
+    if not callable(fn):
+        raise ConfigError(f"a handler must be callable, got {fn!r}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # some builtins have none: trust them
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(None)
+        except TypeError:
+            raise ConfigError(f"handler {getattr(fn, '__qualname__', fn)!r} of queue {queue!r} must take the "
+                              f"message as its one argument, like `async def handler(msg)`; "
+                              f"its signature is {signature}") from None
+    if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+        return fn
+
+    async def in_thread(body: Any) -> Any:
+        result = await asyncio.to_thread(fn, body)  # contextvars (current_message) are copied
+        return await result if inspect.isawaitable(result) else result
+
+    return in_thread
 
 
 class Consumer(_Endpoint):
@@ -615,6 +753,12 @@ class Consumer(_Endpoint):
     the dead-letter queue ``<queue>.dead`` with the error in its headers; at
     most ``prefetch`` handlers run at once; ``stop()`` drains.
 
+    A transport feeds each message it receives to ``_deliver`` and writes the
+    hooks marked abstract below (its wire): ``_connect``/``_disconnect``,
+    ``_start_intake``/``_stop_intake``, and settling a message: ``_ack``,
+    ``_requeue`` (hand back unfinished), ``_dead_letter``, ``_reply``.
+    ``_retry_later`` lets a broker hold a failed message during its backoff.
+
     :param queue_name: the queue to consume.
     :param prefetch: how many messages are handled at once.
     :param max_retries: retries after the first failed attempt.
@@ -623,23 +767,25 @@ class Consumer(_Endpoint):
     :param drain_timeout: how long ``stop()`` waits for running handlers.
     """
 
-    #: Flags the decorator takes on this transport.
+    #: Flags the decorator takes on this transport (others' are ignored).
     handler_flags: ClassVar[frozenset[str]] = frozenset()
     #: True where the consumer serves HTTP routes on a host and port.
     listens: ClassVar[bool] = False
 
     def __init__(self, queue_name: str, *, prefetch: int = _DEFAULT_PREFETCH,
                  max_retries: int = _DEFAULT_MAX_RETRIES, retry_backoff: float = 0.2,
-                 retry_backoff_max: float = 30.0, drain_timeout: float = 30.0) -> None:
-        super().__init__(queue_name)
+                 retry_backoff_max: float = 30.0, drain_timeout: float = 30.0, **options: Any) -> None:
         self.prefetch = _number("prefetch", prefetch, int, 1)
         self.max_retries = _number("max_retries", max_retries, int, 0)
         self.retry_backoff = _number("retry_backoff", retry_backoff)
         self.retry_backoff_max = _number("retry_backoff_max", retry_backoff_max)
         self.drain_timeout = _number("drain_timeout", drain_timeout)
-        self.dead_letter_queue = f"{queue_name}.dead"
-        self._handlers: dict[str, tuple[Callable[..., Any], bool]] = {}
+        super().__init__(queue_name, **options)
+        # A dead-letter queue's own failures stay in it, at its tail: no <q>.dead.dead.
+        self.dead_letter_queue = queue_name if queue_name.endswith(".dead") else f"{queue_name}.dead"
+        self._handlers: dict[str, tuple[Callable[..., Any], _Handler]] = {}
         self._active: set[asyncio.Task[Any]] = set()
+        self._slots: asyncio.Semaphore | None = None
         self._running = False
         self._stopping = False
 
@@ -651,19 +797,21 @@ class Consumer(_Endpoint):
 
     def __call__(self, handler: _F | None = None, **flags: Any) -> _F | Callable[[_F], _F]:
         """Register a handler: ``@consumer()`` (or ``@consumer``) above an
-        ``async def handler(msg)``; a bound method works too. The handler's
-        return value is the reply to a request."""
+        ``async def handler(msg)``; a bound method works too, and a plain
+        ``def`` runs in a worker thread. The handler's return value is the
+        reply to a request.
+
+        :raises ConfigError: the handler does not take one message argument.
+        """
         flags = _check_flags(flags, self.handler_flags, f"{type(self).__name__} decorator")
         key = self._handler_key(flags)
 
         def register(fn: _F) -> _F:
-            if not callable(fn):
-                raise ConfigError(f"a handler must be callable, got {fn!r}")
             known = self._handlers.get(key)
             if known is not None and known[0] != fn:
                 where = f" for {key}" if key else ""
                 raise ConfigError(f"queue {self.queue_name!r} already has a handler{where}: {known[0]!r}")
-            self._handlers[key] = (fn, inspect.iscoroutinefunction(fn))
+            self._handlers[key] = (fn, _as_handler(fn, self.queue_name))
             return fn
 
         return register(handler) if handler is not None else register
@@ -684,6 +832,7 @@ class Consumer(_Endpoint):
             raise ConfigError(f"no handler for queue {self.queue_name!r}: decorate one with @consumer()")
         await self.a_init()
         self._stopping = False
+        self._slots = asyncio.Semaphore(self.prefetch)
         await self._start_intake()
         self._running = True
         log.info("consuming %r on %s", self.queue_name, self.transport)
@@ -710,54 +859,72 @@ class Consumer(_Endpoint):
         self._ready = False
         await self._disconnect()
 
-    async def __aenter__(self) -> Consumer:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.stop()
 
-    async def _deliver(self, message: Message) -> None:
-        """Decode, run the handler with retries, then reply and acknowledge,
-        or dead-letter. Transports call this once per message received."""
+    async def _run_handler(self, message: Message, key: str = "") -> Any:
+        """Run the handler on a decoded message as ``current_message()``."""
+        token = _current.set(message)
+        try:
+            return await self._handlers[key][1](message.body)
+        finally:
+            _current.reset(token)
+
+    async def _deliver(self, message: Message, key: str = "", decoded: bool = False) -> None:
+        """The delivery contract, for one message a transport received:
+        within the concurrency bound, decode (unless ``decoded``), run the
+        handler, then reply and acknowledge; on failure retry after a
+        backoff, then dead-letter."""
         task = asyncio.current_task()
-        assert task is not None
+        assert task is not None and self._slots is not None
         self._active.add(task)
         settled = False
         try:
-            try:
-                message.body = decode(message.data, message.content_type)
-            except DecodeError as exc:  # no retry can fix a poison message
-                settled = True
-                # Dead-letter it as opaque bytes, so the dead-letter queue stays readable.
-                message.headers = {**message.headers, "x-original-content-type": message.content_type}
-                message.content_type = BINARY
-                await self._give_up(message, exc)
-                return
-            fn, is_coroutine = self._handlers[""]
-            while True:
-                token = _current.set(message)
-                try:
-                    result = await fn(message.body) if is_coroutine else await _maybe_await(fn(message.body))
-                    if message.reply_to is not None:
-                        data, ctype = encode(result)
-                        await self._reply(message, data, ctype, {})
-                except Exception as exc:
-                    if message.attempt > self.max_retries:
+            async with self._slots:
+                expires = message.headers.get(_EXPIRES)
+                if (expires is not None and message.reply_to is not None and isinstance(expires, int)
+                        and time.time() * 1000 > expires):
+                    log.debug("dropping request %s of %r: its requester stopped waiting", message.id, self.queue_name)
+                    settled = True
+                    await self._ack(message)
+                    return
+                if not decoded:
+                    try:
+                        message.body = decode(message.data, message.content_type)
+                    except DecodeError as exc:  # no retry can fix a poison message
                         settled = True
+                        # Dead-letter it as opaque bytes, so the dead-letter queue stays readable.
+                        message.headers = {**message.headers, "x-original-content-type": message.content_type}
+                        message.content_type = BINARY
                         await self._give_up(message, exc)
                         return
-                    delay = _backoff(message.attempt, self.retry_backoff, self.retry_backoff_max)
-                    log.warning("handler of %r failed on message %s (attempt %d of %d), retrying in %.2fs: %r",
-                                self.queue_name, message.id, message.attempt, self.max_retries + 1, delay, exc)
-                    await asyncio.sleep(delay)
-                    message.attempt += 1
-                    continue
-                finally:
-                    _current.reset(token)
-                settled = True
-                await self._ack(message)
-                return
+                while True:
+                    try:
+                        result = await self._run_handler(message, key)
+                    except Exception as exc:
+                        if message.attempt > self.max_retries:
+                            settled = True
+                            await self._give_up(message, exc)
+                            return
+                        delay = _backoff(message.attempt, self.retry_backoff, self.retry_backoff_max)
+                        log.warning("handler of %r failed on message %s (attempt %d of %d), retrying in %.2fs: %r",
+                                    self.queue_name, message.id, message.attempt, self.max_retries + 1, delay, exc)
+                        log.debug("the handler's traceback", exc_info=exc)
+                        if await self._retry_later(message, delay):
+                            settled = True  # the broker holds it for the backoff; the slot is free
+                            return
+                        await asyncio.sleep(delay)
+                        message.attempt += 1
+                        continue
+                    settled = True
+                    if message.reply_to is not None:
+                        await self._reply(message, result, None)
+                    await self._ack(message)
+                    return
         except asyncio.CancelledError:
             if not settled:  # the drain timed out: hand the message back
                 await self._requeue(message)
@@ -767,12 +934,14 @@ class Consumer(_Endpoint):
 
     async def _give_up(self, message: Message, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"[:1000]
-        log.error("giving up on message %s of %r after %d attempt(s), dead-lettering to %r: %s",
-                  message.id, self.queue_name, message.attempt, self.dead_letter_queue, error)
+        log.error("giving up on message %s of %r after %d attempt(s): %s",
+                  message.id, self.queue_name, message.attempt, error)
+        log.debug("the last error's traceback", exc_info=exc)
         headers = dict(message.headers)
+        headers.pop(_EXPIRES, None)
         headers.update({"x-error": error, "x-error-type": type(exc).__qualname__,
                         "x-attempts": message.attempt, "x-original-queue": self.queue_name,
-                        "x-failed-at": time.time()})
+                        "x-failed-at": int(time.time() * 1000)})
         try:
             await self._dead_letter(message, headers)
         except Exception:
@@ -782,33 +951,48 @@ class Consumer(_Endpoint):
             return
         if message.reply_to is not None:
             try:
-                await self._reply(message, b"", TEXT, {"x-error": error})
+                await self._reply(message, None, error)
             except Exception:
                 log.exception("could not send the error reply for message %s", message.id)
         await self._ack(message)
 
-    # The wire, per transport.
+    @abc.abstractmethod
     async def _start_intake(self) -> None:
-        raise NotImplementedError
+        """Start feeding received messages to ``_deliver``."""
 
+    @abc.abstractmethod
     async def _stop_intake(self) -> None:
-        pass
+        """Stop receiving; messages already in ``_deliver`` finish."""
 
+    @abc.abstractmethod
     async def _ack(self, message: Message) -> None:
-        pass
+        """The message is done: the transport forgets it."""
 
+    @abc.abstractmethod
     async def _requeue(self, message: Message) -> None:
-        raise NotImplementedError
+        """Hand an unfinished message back, for redelivery."""
 
+    @abc.abstractmethod
     async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
-        raise NotImplementedError
+        """Store the message in ``dead_letter_queue`` with ``headers``."""
 
-    async def _reply(self, message: Message, data: bytes, content_type: str, headers: dict[str, Any]) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def _reply(self, message: Message, result: Any, error: str | None) -> None:
+        """Answer a request (``message.reply_to``) with the handler's result, or its error."""
+
+    async def _retry_later(self, message: Message, delay: float) -> bool:
+        """Have the broker hold a failed message for ``delay`` seconds and
+        deliver it again with ``attempt + 1``; True if it did. By default the
+        message is retried in process, holding its slot."""
+        return False
 
     def _producer_options(self) -> dict[str, Any]:
         """Options a producer needs to reach this consumer (HTTP: its URL)."""
         return {}
+
+    async def delete_queues(self) -> None:
+        """Delete this consumer's queue and its dead-letter queue where a
+        broker keeps them (what demo, bench and tests clean up with)."""
 
 
 ###############################################################################
@@ -821,7 +1005,8 @@ class _MemoryBroker:
 
     def __init__(self) -> None:
         self.queues: dict[str, asyncio.Queue[Message]] = {}
-        self.replies: dict[str, asyncio.Future[tuple[bytes, str, dict[str, Any]]]] = {}
+        #: Producers waiting for replies, by the reply address they gave.
+        self.producers: weakref.WeakValueDictionary[int, Producer] = weakref.WeakValueDictionary()
 
     def queue(self, name: str) -> asyncio.Queue[Message]:
         queue = self.queues.get(name)
@@ -845,45 +1030,36 @@ class MemoryProducer(Producer):
     """Sends to the in-process broker of the running event loop. A message
     sent before any consumer exists waits in its queue."""
 
-    transport = MEMORY
-
     async def _connect(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._broker = _memory_broker()
         self._queue = self._broker.queue(self.queue_name)
+
+    async def _disconnect(self) -> None:
+        """Nothing to release: the broker belongs to the event loop."""
 
     async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
         if self._loop is not asyncio.get_running_loop():  # reused under a new asyncio.run()
             await self._connect()
         self._queue.put_nowait(message)
 
-    async def _request(self, message: Message, timeout: float, **flags: Any) -> Any:
+    async def _reply_address(self) -> str:
         if self._loop is not asyncio.get_running_loop():
             await self._connect()
-        future: asyncio.Future[tuple[bytes, str, dict[str, Any]]] = asyncio.get_running_loop().create_future()
-        self._broker.replies[message.id] = future
-        message.reply_to = message.id
-        try:
-            self._queue.put_nowait(message)
-            try:
-                async with asyncio.timeout(timeout):
-                    data, ctype, headers = await future
-            except TimeoutError:
-                raise RequestTimeout(f"no reply from queue {self.queue_name!r} within {timeout}s") from None
-        finally:
-            self._broker.replies.pop(message.id, None)
-        return _reply_value(data, ctype, headers, self.queue_name)
+        self._broker.producers[id(self)] = self
+        return str(id(self))
 
 
 class MemoryConsumer(Consumer):
     """Consumes a queue of the in-process broker with ``prefetch`` workers."""
 
-    transport = MEMORY
-
     async def _connect(self) -> None:
         self._broker = _memory_broker()
         self._queue = self._broker.queue(self.queue_name)
         self._workers: list[asyncio.Task[None]] = []
+
+    async def _disconnect(self) -> None:
+        """Nothing to release: the broker belongs to the event loop."""
 
     async def _start_intake(self) -> None:
         self._workers = [asyncio.create_task(self._work()) for _ in range(self.prefetch)]
@@ -891,7 +1067,12 @@ class MemoryConsumer(Consumer):
     async def _work(self) -> None:
         queue = self._queue
         while not self._stopping:
-            await self._deliver(await queue.get())
+            received = await queue.get()
+            # A copy per delivery: the producer's object is not the handler's.
+            await self._deliver(Message(data=received.data, content_type=received.content_type,
+                                        headers=received.headers, id=received.id, queue=self.queue_name,
+                                        correlation_id=received.correlation_id, reply_to=received.reply_to,
+                                        attempt=received.attempt, redelivered=received.redelivered))
 
     async def _stop_intake(self) -> None:
         idle = [worker for worker in self._workers if worker not in self._active]
@@ -899,18 +1080,27 @@ class MemoryConsumer(Consumer):
             worker.cancel()
         await asyncio.gather(*idle, return_exceptions=True)
 
+    async def _ack(self, message: Message) -> None:
+        """Nothing to do: a message taken off the queue is gone from it."""
+
     async def _requeue(self, message: Message) -> None:
         message.redelivered = True
         self._queue.put_nowait(message)
 
     async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
-        dead = Message(None, message.data, message.content_type, headers, message.id, self.dead_letter_queue)
+        dead = Message(data=message.data, content_type=message.content_type, headers=headers, id=message.id,
+                       queue=self.dead_letter_queue, correlation_id=message.correlation_id)
         self._broker.queue(self.dead_letter_queue).put_nowait(dead)
 
-    async def _reply(self, message: Message, data: bytes, content_type: str, headers: dict[str, Any]) -> None:
-        future = self._broker.replies.get(message.reply_to or "")
-        if future is not None and not future.done():
-            future.set_result((data, content_type, headers))
+    async def _reply(self, message: Message, result: Any, error: str | None) -> None:
+        producer = self._broker.producers.get(int(message.reply_to or 0))
+        if producer is not None:
+            producer._on_reply(message.correlation_id, *_reply_payload(result, error))
+
+    async def delete_queues(self) -> None:
+        """Forget this consumer's queue and its dead-letter queue."""
+        for name in (self.queue_name, self.dead_letter_queue):
+            _memory_broker().queues.pop(name, None)
 
 
 ###############################################################################
@@ -918,6 +1108,9 @@ class MemoryConsumer(Consumer):
 ###############################################################################
 
 _REPLY_TO = "amq.rabbitmq.reply-to"  # RabbitMQ's direct reply-to pseudo-queue
+#: Header naming the headers that were floats: AMQP tables would carry them as
+#: 32-bit floats (pamqp), so they travel as exact decimal strings instead.
+_FLOAT_HEADERS = "x-st-floats"
 
 
 def _rmq_url(url: str | None, host: str | None, port: int | str | None, user: str | None,
@@ -928,9 +1121,16 @@ def _rmq_url(url: str | None, host: str | None, port: int | str | None, user: st
         scheme = urllib.parse.urlsplit(url).scheme if "://" in url else ""
         if scheme not in ("amqp", "amqps"):
             raise ConfigError(f"a RabbitMQ URL starts with amqp:// or amqps://, got {_redact(url)!r}")
+        try:
+            urllib.parse.urlsplit(url).port
+        except ValueError:
+            raise ConfigError(f"bad port in RabbitMQ URL {_redact(url)!r}") from None
         return url
     host = host or _setting("RMQ_HOST", "localhost")
-    port = _number("RMQ_PORT", port or _setting("RMQ_PORT", "5672"), int, 1)
+    if ":" in host and not host.startswith("["):  # legacy RMQ_HOST=host:port
+        host, _, host_port = host.rpartition(":")
+        port = port or host_port
+    port = _port("RMQ_PORT", port or _setting("RMQ_PORT", "5672"), 1)
     user = user if user is not None else _setting("RMQ_USER", "guest")
     password = password if password is not None else _setting("RMQ_PASS", "guest")
     vhost = vhost if vhost is not None else _setting("RMQ_VHOST", "/")
@@ -952,6 +1152,11 @@ def _where(url: str) -> str:
     return f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}"
 
 
+def _vhost(url: str) -> str:
+    path = urllib.parse.urlsplit(url).path
+    return urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
+
+
 class _SharedConnection:
     def __init__(self) -> None:
         self.connection: Any = None
@@ -963,45 +1168,9 @@ class _SharedConnection:
 # consumer; each of them opens its own channel on it.
 _rmq_connections: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _SharedConnection]] = \
     weakref.WeakKeyDictionary()
-
+_CLOSE_TIMEOUT = 5.0
 
 _Errors = tuple[type[BaseException], ...]
-
-
-def _rmq_errors() -> tuple[_Errors, _Errors]:
-    """(errors of a lost connection, errors a retry cannot fix)."""
-    _require("aio_pika")
-    errors = importlib.import_module("aiormq").exceptions  # aio-pika's own dependency
-    lost: _Errors = (OSError, errors.AMQPConnectionError, errors.ChannelInvalidStateError, errors.ChannelClosed)
-    fatal: _Errors = (errors.AuthenticationError, errors.ProbableAuthenticationError, errors.ConnectionNotAllowed,
-             errors.DeliveryError, errors.ChannelAccessRefused, errors.ChannelPreconditionFailed)
-    return lost, fatal
-
-
-async def _rmq_acquire(url: str, connect_timeout: float, reconnect_interval: float) -> Any:
-    aio_pika = _require("aio_pika")
-    shared = _rmq_connections.setdefault(asyncio.get_running_loop(), {}).setdefault(url, _SharedConnection())
-    async with shared.lock:
-        if shared.connection is None or shared.connection.is_closed:
-            lost, fatal = _rmq_errors()
-
-            async def connect() -> Any:
-                return await aio_pika.connect_robust(url, reconnect_interval=reconnect_interval,
-                                                     timeout=min(10.0, connect_timeout or 10.0))
-
-            try:
-                shared.connection = await _retry(
-                    connect, what=f"connecting to RabbitMQ at {_where(url)}", retry_on=lost + (TimeoutError,),
-                    fatal=fatal, deadline=time.monotonic() + connect_timeout, base=0.25, cap=5.0)
-            except fatal:
-                user = urllib.parse.unquote(urllib.parse.urlsplit(url).username or "")
-                raise ConnectionFailed(f"RabbitMQ at {_where(url)} refused user {user!r}: check "
-                                       "RMQ_USER, RMQ_PASS and RMQ_VHOST (or RMQ_URL)") from None
-            except lost + (TimeoutError,) as exc:
-                raise ConnectionFailed(f"cannot connect to RabbitMQ at {_where(url)} within {connect_timeout}s: "
-                                       f"{_cause(exc, url)}") from None
-        shared.users += 1
-        return shared.connection
 
 
 async def _closing(what: str, operation: Awaitable[Any]) -> None:
@@ -1015,104 +1184,176 @@ async def _closing(what: str, operation: Awaitable[Any]) -> None:
         log.debug("%s: %r", what, exc)
 
 
-_CLOSE_TIMEOUT = 5.0
+class _AMQPLink:
+    """One producer's or consumer's link to RabbitMQ: settings, the shared
+    robust connection, a channel with publisher confirms, queue declaration
+    and a confirmed publish that survives reconnection."""
 
-
-async def _rmq_release(url: str) -> None:
-    shared = _rmq_connections.get(asyncio.get_running_loop(), {}).get(url)
-    if shared is None:
-        return
-    async with shared.lock:
-        shared.users -= 1
-        if shared.users <= 0 and shared.connection is not None:
-            connection, shared.connection = shared.connection, None
-            await _closing(f"closing the connection to {_where(url)}", connection.close())
-
-
-class _RabbitMQ:
-    """What the RabbitMQ producer and consumer share: settings, the shared
-    connection, a channel with publisher confirms, queue declaration and a
-    confirmed publish that survives reconnection."""
-
-    queue_name: str
-    _lost: _Errors
-    _fatal: _Errors
-    _no_retry: _Errors
-
-    def _rmq_setup(self, url: str | None, host: str | None, port: int | str | None,
-                   user: str | None, password: str | None, vhost: str | None, queue_type: str,
-                   connect_timeout: float, reconnect_interval: float, send_timeout: float) -> None:
-        self._aio_pika = _require("aio_pika")
-        self._url = _rmq_url(url, host, port, user, password, vhost)
+    def __init__(self, owner: _Endpoint, url: str | None, host: str | None, port: int | str | None,
+                 user: str | None, password: str | None, vhost: str | None, queue_type: str,
+                 connect_timeout: float, reconnect_interval: float, send_timeout: float) -> None:
+        self.aio_pika = owner._client()
+        self.errors = importlib.import_module("aiormq").exceptions  # aio-pika's own dependency
+        logging.getLogger("aiormq").addHandler(_quiet)
+        self.url = _rmq_url(url, host, port, user, password, vhost)
         if queue_type not in ("classic", "quorum"):
             raise ConfigError(f"queue_type must be 'classic' or 'quorum', got {queue_type!r}")
-        self._queue_args = {"x-queue-type": queue_type} if queue_type == "quorum" else None
+        self.queue_args = {"x-queue-type": queue_type} if queue_type == "quorum" else None
         self.connect_timeout = _number("connect_timeout", connect_timeout)
         self.reconnect_interval = _number("reconnect_interval", reconnect_interval)
-        self.send_timeout = _number("send_timeout", send_timeout)
-        self._lost, self._fatal = _rmq_errors()
-        self._no_retry = (TimeoutError,) + self._fatal  # a retry would resend, or cannot help
-        self._errors = importlib.import_module("aiormq").exceptions
+        self.send_timeout = _number("send_timeout", send_timeout, float, 0.001)
+        errors = self.errors
+        #: Errors of a lost connection (retried), and errors no retry can fix.
+        self.lost: _Errors = (OSError, errors.AMQPConnectionError, errors.ChannelInvalidStateError,
+                              errors.ChannelClosed)
+        self.refused: _Errors = (errors.AuthenticationError, errors.ProbableAuthenticationError,
+                                 errors.ConnectionNotAllowed, errors.ProtocolSyntaxError)
+        self.no_retry: _Errors = (TimeoutError, errors.DeliveryError, errors.ChannelAccessRefused,
+                                  errors.ChannelPreconditionFailed)
         #: ``host:port`` of the broker, for messages (never the credentials).
-        self.where = _where(self._url)
+        self.where = _where(self.url)
+        self.connection: Any = None
+        self.channel: Any = None
+        self.declared: set[str] = set()
 
-    async def _open(self, *queues: str, prefetch: int = 0) -> list[Any]:
+    # The shared connection.
+
+    async def _acquire(self) -> Any:
+        shared = _rmq_connections.setdefault(asyncio.get_running_loop(), {}).setdefault(self.url, _SharedConnection())
+        async with shared.lock:
+            if shared.connection is None or shared.connection.is_closed:
+                shared.connection = await self._connect()
+            shared.users += 1
+            return shared.connection
+
+    async def _connect(self) -> Any:
+        parts = urllib.parse.urlsplit(self.url)
+        await _resolve(parts.hostname or "localhost", parts.port or 5672, f"RabbitMQ at {self.where}")
+
+        async def connect() -> Any:
+            return await self.aio_pika.connect_robust(self.url, reconnect_interval=self.reconnect_interval,
+                                                      timeout=min(10.0, self.connect_timeout or 10.0))
+
+        try:
+            connection = await _retry(
+                connect, what=f"connecting to RabbitMQ at {self.where}", retry_on=self.lost + (TimeoutError,),
+                fatal=self.refused, deadline=time.monotonic() + self.connect_timeout, base=0.25, cap=5.0)
+        except self.refused as exc:
+            user = urllib.parse.unquote(parts.username or "")
+            if isinstance(exc, self.errors.ProtocolSyntaxError):  # the broker closed the handshake
+                raise ConnectionFailed(f"RabbitMQ at {self.where} refused vhost {_vhost(self.url)!r} for user "
+                                       f"{user!r}: it does not exist or the user may not use it; check "
+                                       "RMQ_VHOST (or RMQ_URL)") from None
+            raise ConnectionFailed(f"RabbitMQ at {self.where} refused user {user!r}: check "
+                                   "RMQ_USER, RMQ_PASS and RMQ_VHOST (or RMQ_URL)") from None
+        except self.lost + (TimeoutError,) as exc:
+            raise ConnectionFailed(f"cannot connect to RabbitMQ at {self.where} within {self.connect_timeout}s: "
+                                   f"{_cause(exc, self.url)}") from None
+        where = self.where
+        connection.close_callbacks.add(
+            lambda _, exc: log.info("connection to RabbitMQ at %s lost (%s); reconnecting", where,
+                                    type(exc).__name__) if isinstance(exc, Exception) else None)
+        connection.reconnect_callbacks.add(
+            lambda _: log.info("connection to RabbitMQ at %s restored; consumers resume", where))
+        return connection
+
+    async def _release(self) -> None:
+        shared = _rmq_connections.get(asyncio.get_running_loop(), {}).get(self.url)
+        if shared is None:
+            return
+        async with shared.lock:
+            shared.users -= 1
+            if shared.users <= 0 and shared.connection is not None:
+                connection, shared.connection = shared.connection, None
+                await _closing(f"closing the connection to {self.where}", connection.close())
+
+    # A channel on it.
+
+    async def open(self, *queues: str, prefetch: int = 0) -> list[Any]:
         """Open a channel on the shared connection, set its QoS and declare
         durable ``queues``, within ``connect_timeout``: a broker that is down
         is an error, not a hang."""
-        self._connection = await _rmq_acquire(self._url, self.connect_timeout, self.reconnect_interval)
-        self._channel: Any = None
+        self.connection = await self._acquire()
+        self.channel = None
+        self.declared = set()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await self._connection.connected.wait()  # the shared connection may be reconnecting
-                self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-                self._exchange = self._channel.default_exchange
+                await self.connection.connected.wait()  # the shared connection may be reconnecting
+                self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+                self.exchange = self.channel.default_exchange
                 if prefetch:
-                    await self._channel.set_qos(prefetch_count=prefetch)
-                return [await self._declare(name) for name in queues]
+                    await self.channel.set_qos(prefetch_count=prefetch)
+                return [await self.declare(name) for name in queues]
         except BaseException as exc:
-            await self._close_channel()
+            await self.close()
             if isinstance(exc, TimeoutError):
                 raise ConnectionFailed(f"RabbitMQ at {self.where} did not open a channel and declare "
                                        f"{list(queues)} within {self.connect_timeout}s") from None
-            if isinstance(exc, self._lost + (RuntimeError,)):  # aio-pika: "Connection was not opened"
+            if isinstance(exc, self.lost + (RuntimeError,)):  # aio-pika: "Connection was not opened"
                 raise ConnectionFailed(f"lost the connection to RabbitMQ at {self.where} while opening a "
-                                       f"channel: {_cause(exc, self._url)}") from None
+                                       f"channel: {_cause(exc, self.url)}") from None
             raise
 
-    async def _declare(self, name: str) -> Any:
+    async def declare(self, name: str) -> Any:
         try:
-            return await self._channel.declare_queue(name, durable=True, arguments=self._queue_args)
-        except self._errors.ChannelPreconditionFailed as exc:
+            queue = await self.channel.declare_queue(name, durable=True, arguments=self.queue_args)
+        except self.errors.ChannelPreconditionFailed as exc:
             raise ConfigError(f"queue {name!r} exists on {self.where} with other settings (classic or quorum?): "
                               f"use the same queue_type everywhere or delete the queue ({exc})") from None
+        self.declared.add(name)
+        return queue
 
-    async def _close_channel(self) -> None:
-        if self._channel is not None:
-            await _closing(f"closing a channel to {self.where}", self._channel.close())
-        await _rmq_release(self._url)
+    async def close(self) -> None:
+        if self.channel is not None:
+            channel, self.channel = self.channel, None
+            await _closing(f"closing a channel to {self.where}", channel.close())
+        if self.connection is not None:
+            self.connection = None
+            await self._release()
 
-    async def _publish(self, message: Message, timeout: float | None, routing_key: str | None = None,
-                       mandatory: bool = True, **flags: Any) -> None:
-        """Publish to ``routing_key`` (default: the queue) and wait for the
-        broker's confirm. A lost connection is retried until the send timeout:
-        the message is either confirmed or an error is raised, never dropped."""
-        routing_key = routing_key or self.queue_name
+    async def delete(self, *queues: str) -> None:
+        """Delete ``queues`` on a channel of their own."""
+        connection = await self._acquire()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                channel = await connection.channel()
+                for name in queues:
+                    await channel.queue_delete(name)
+                await channel.close()
+        finally:
+            await self._release()
+
+    # Publishing.
+
+    def message(self, message: Message, expiration: float | None = None) -> Any:
+        headers = message.headers
+        if headers:
+            floats = [key for key, value in headers.items() if type(value) is float]
+            if floats:
+                headers = {**headers, **{key: repr(headers[key]) for key in floats},
+                           _FLOAT_HEADERS: ",".join(floats)}
+        return self.aio_pika.Message(
+            message.data, content_type=message.content_type, headers=headers or None,
+            message_id=message.id, correlation_id=message.correlation_id, reply_to=message.reply_to,
+            delivery_mode=self.aio_pika.DeliveryMode.PERSISTENT, expiration=expiration)
+
+    async def publish(self, message: Message, routing_key: str, timeout: float | None = None,
+                      mandatory: bool = True, expiration: float | None = None) -> None:
+        """Publish to ``routing_key`` and wait for the broker's confirm. A
+        lost connection is retried until the send timeout: the message is
+        either confirmed or an error is raised, never dropped."""
         timeout = self.send_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        aio_pika, errors = self._aio_pika, self._errors
-        amqp_message = aio_pika.Message(
-            message.data, content_type=message.content_type, headers=message.headers or None,
-            message_id=message.id, correlation_id=message.correlation_id, reply_to=message.reply_to,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        errors = self.errors
+        amqp_message = self.message(message, expiration)
         try:
             try:
-                if self._connection.connected.is_set():  # the hot path, one await deep
-                    await self._exchange.publish(amqp_message, routing_key, mandatory=mandatory, timeout=timeout)
+                if self.connection.connected.is_set():  # the hot path, one await deep
+                    await self.exchange.publish(amqp_message, routing_key, mandatory=mandatory, timeout=timeout)
                     return
-            except self._no_retry:
+            except self.no_retry:
                 raise
-            except self._lost as exc:
+            except self.lost as exc:
                 log.warning("publishing to %r on %s failed (%r); retrying as the connection comes back",
                             routing_key, self.where, exc)
             await self._publish_reconnecting(amqp_message, routing_key, mandatory, deadline)
@@ -1120,109 +1361,115 @@ class _RabbitMQ:
             raise Unroutable(f"RabbitMQ at {self.where} has no queue {routing_key!r} for the message") from None
         except errors.DeliveryError as exc:
             raise SendError(f"RabbitMQ at {self.where} refused the message to {routing_key!r}: "
-                            f"{_cause(exc, self._url)}") from None
+                            f"{_cause(exc, self.url)}") from None
         except TimeoutError:
             raise SendError(f"RabbitMQ at {self.where} did not confirm the message to {routing_key!r} "
                             f"within {timeout}s") from None
-        except self._lost as exc:
+        except self.lost + (errors.AMQPError,) as exc:
             raise SendError(f"lost the connection to RabbitMQ at {self.where} while sending to "
-                            f"{routing_key!r}: {_cause(exc, self._url)}") from None
-
+                            f"{routing_key!r}: {_cause(exc, self.url)}") from None
 
     async def _publish_reconnecting(self, amqp_message: Any, routing_key: str, mandatory: bool,
                                     deadline: float) -> None:
         async def publish() -> None:
             # The robust channel waits for a reconnection with no limit: bound it.
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                await self._exchange.publish(amqp_message, routing_key, mandatory=mandatory)
+                await self.exchange.publish(amqp_message, routing_key, mandatory=mandatory)
 
-        await _retry(publish, what=f"publishing to {routing_key!r} on {self.where}", retry_on=self._lost,
-                     fatal=self._no_retry, deadline=deadline, base=0.1, cap=2.0)
+        await _retry(publish, what=f"publishing to {routing_key!r} on {self.where}", retry_on=self.lost,
+                     fatal=self.no_retry, deadline=deadline, base=0.1, cap=2.0)
 
 
-class RabbitMQProducer(_RabbitMQ, Producer):
-    """Sends persistent messages to a durable RabbitMQ queue, with publisher
-    confirms and mandatory routing; ``send`` returns once the broker confirmed.
+class _RabbitMQEndpoint(_Endpoint):
+    """The connection options of both RabbitMQ sides.
 
     :param url: ``amqp://`` or ``amqps://`` URL; else ``RMQ_URL``, else built
-        from ``host``/``port``/``user``/``password``/``vhost`` (or ``RMQ_HOST``,
-        ``RMQ_PORT``, ``RMQ_USER``, ``RMQ_PASS``, ``RMQ_VHOST``).
+        from ``host``/``port``/``user``/``password``/``vhost`` (or ``RMQ_HOST``
+        (``host`` or ``host:port``), ``RMQ_PORT``, ``RMQ_USER``, ``RMQ_PASS``,
+        ``RMQ_VHOST``).
     :param queue_type: ``"classic"`` or ``"quorum"`` (replicated, for clusters).
     :param connect_timeout: how long the first connection is retried.
+    :param reconnect_interval: pause between reconnection attempts.
     :param send_timeout: how long a send waits for a confirm, reconnecting.
     """
 
-    transport = RABBITMQ
+    client = ("aio_pika", "aio-pika")
 
-    def __init__(self, queue_name: str, *, url: str | None = None, host: str | None = None,
-                 port: int | str | None = None, user: str | None = None, password: str | None = None,
-                 vhost: str | None = None, queue_type: str = "classic", connect_timeout: float = 30.0,
-                 reconnect_interval: float = 1.0, send_timeout: float = 30.0) -> None:
-        super().__init__(queue_name)
-        self._rmq_setup(url, host, port, user, password, vhost, queue_type,
-                        connect_timeout, reconnect_interval, send_timeout)
-        self._replies: dict[str, asyncio.Future[tuple[bytes, str, dict[str, Any]]]] = {}
-        self._reply_consumer: str | None = None
+    def _setup(self, url: str | None = None, host: str | None = None, port: int | str | None = None,
+               user: str | None = None, password: str | None = None, vhost: str | None = None,
+               queue_type: str = "classic", connect_timeout: float = 30.0, reconnect_interval: float = 1.0,
+               send_timeout: float = 30.0) -> None:
+        self._link = _AMQPLink(self, url, host, port, user, password, vhost, queue_type,
+                               connect_timeout, reconnect_interval, send_timeout)
 
-    async def _connect(self) -> None:
-        await self._open(self.queue_name)
+    @property
+    def where(self) -> str:
+        """``host:port`` of the broker, for messages (never the credentials)."""
+        return self._link.where
 
     async def _disconnect(self) -> None:
-        self._reply_consumer = None
-        await self._close_channel()
+        await self._link.close()
 
-    async def _on_reply(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
-        future = self._replies.get(incoming.correlation_id or "")
-        if future is not None and not future.done():
-            future.set_result((incoming.body, incoming.content_type or "", dict(incoming.headers or {})))
 
-    async def _request(self, message: Message, timeout: float, **flags: Any) -> Any:
-        if self._reply_consumer is None:
-            # Direct reply-to: consume the pseudo-queue on the publishing channel.
-            queue = await self._channel.declare_queue(_REPLY_TO, passive=True)
-            self._reply_consumer = await queue.consume(self._on_reply, no_ack=True)
-        future: asyncio.Future[tuple[bytes, str, dict[str, Any]]] = asyncio.get_running_loop().create_future()
-        self._replies[message.id] = future
-        message.reply_to = _REPLY_TO
+class RabbitMQProducer(_RabbitMQEndpoint, Producer):
+    """Sends persistent messages to a durable RabbitMQ queue, with publisher
+    confirms and mandatory routing; ``send`` returns once the broker
+    confirmed. Requests use direct reply-to and expire with their timeout.
+    Options: see :class:`_RabbitMQEndpoint`."""
+
+    async def _connect(self) -> None:
+        self._reply_consumer: asyncio.Task[str] | None = None
+        await self._link.open(self.queue_name)
+
+    async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
+        expiration = None
+        if message.reply_to is not None and timeout is not None:
+            expiration = timeout  # a request nobody answered in time costs no work later
+        await self._link.publish(message, self.queue_name, timeout, expiration=expiration)
+
+    async def _reply_address(self) -> str:
+        # Direct reply-to: consume the pseudo-queue on the publishing channel,
+        # once, however many first requests run at the same time.
+        if self._reply_consumer is None or (self._reply_consumer.done() and self._reply_consumer.exception()):
+            self._reply_consumer = asyncio.ensure_future(self._consume_replies())
+        await asyncio.shield(self._reply_consumer)
+        return _REPLY_TO
+
+    async def _consume_replies(self) -> str:
         try:
-            async with asyncio.timeout(timeout):
-                await self._publish(message, timeout)
-                data, ctype, headers = await future
-        except TimeoutError:
-            raise RequestTimeout(f"no reply from queue {self.queue_name!r} on {self.where} "
-                                 f"within {timeout}s") from None
-        finally:
-            self._replies.pop(message.id, None)
-        return _reply_value(data, ctype, headers, self.queue_name)
+            queue = await self._link.channel.declare_queue(_REPLY_TO, passive=True)
+            tag: str = await queue.consume(self._on_amqp_reply, no_ack=True)
+        except self._link.lost + (self._link.errors.AMQPError,) as exc:
+            raise SendError(f"cannot listen for replies on RabbitMQ at {self.where}: "
+                            f"{_cause(exc, self._link.url)}") from None
+        return tag
+
+    async def _on_amqp_reply(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self._on_reply(incoming.correlation_id, incoming.body, incoming.content_type or "",
+                       _amqp_headers(incoming))
 
 
-class RabbitMQConsumer(_RabbitMQ, Consumer):
+def _amqp_headers(incoming: Any) -> dict[str, Any]:
+    headers = dict(incoming.headers or {})
+    floats = headers.pop(_FLOAT_HEADERS, None)
+    if floats:
+        for key in str(floats).split(","):
+            try:
+                headers[key] = float(headers[key])
+            except (KeyError, TypeError, ValueError):
+                pass
+    return headers
+
+
+class RabbitMQConsumer(_RabbitMQEndpoint, Consumer):
     """Consumes a durable RabbitMQ queue with QoS ``prefetch``, acknowledging
     each message after its handler returned. Takes the connection options of
     :class:`RabbitMQProducer` and the delivery options of :class:`Consumer`.
     After a lost connection it resumes by itself."""
 
-    transport = RABBITMQ
-
-    def __init__(self, queue_name: str, *, prefetch: int = _DEFAULT_PREFETCH,
-                 max_retries: int = _DEFAULT_MAX_RETRIES, retry_backoff: float = 0.2,
-                 retry_backoff_max: float = 30.0, drain_timeout: float = 30.0, url: str | None = None,
-                 host: str | None = None, port: int | str | None = None, user: str | None = None,
-                 password: str | None = None, vhost: str | None = None, queue_type: str = "classic",
-                 connect_timeout: float = 30.0, reconnect_interval: float = 1.0,
-                 send_timeout: float = 30.0) -> None:
-        Consumer.__init__(self, queue_name, prefetch=prefetch, max_retries=max_retries,
-                          retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max,
-                          drain_timeout=drain_timeout)
-        self._rmq_setup(url, host, port, user, password, vhost, queue_type,
-                        connect_timeout, reconnect_interval, send_timeout)
-        self._consumer_tag: str | None = None
-
     async def _connect(self) -> None:
-        self._queue, _ = await self._open(self.queue_name, self.dead_letter_queue, prefetch=self.prefetch)
-
-    async def _disconnect(self) -> None:
-        await self._close_channel()
+        self._consumer_tag: str | None = None
+        self._queue, = await self._link.open(self.queue_name, prefetch=self.prefetch)
 
     async def _start_intake(self) -> None:
         self._consumer_tag = await self._queue.consume(self._on_message)
@@ -1236,12 +1483,13 @@ class RabbitMQConsumer(_RabbitMQ, Consumer):
         # aio-pika runs this in a task of its own per message; QoS bounds how many.
         if self._stopping:
             return  # left unacknowledged: the broker gets it back when the channel closes
-        headers = dict(incoming.headers or {})
+        headers = _amqp_headers(incoming) if incoming.headers else {}
         count = headers.get("x-delivery-count")  # quorum queues count redeliveries
         await self._deliver(Message(
-            None, incoming.body, incoming.content_type or "", headers, incoming.message_id or "",
-            self.queue_name, incoming.correlation_id, incoming.reply_to,
-            1 + count if isinstance(count, int) else 1, bool(incoming.redelivered), incoming))
+            data=incoming.body, content_type=incoming.content_type or "", headers=headers,
+            id=incoming.message_id or "", queue=self.queue_name, correlation_id=incoming.correlation_id,
+            reply_to=incoming.reply_to, attempt=1 + count if isinstance(count, int) else 1,
+            redelivered=bool(incoming.redelivered), raw=incoming))
 
     async def _ack(self, message: Message) -> None:
         try:
@@ -1257,15 +1505,22 @@ class RabbitMQConsumer(_RabbitMQ, Consumer):
             log.debug("nack of %s: %r (the broker requeues it with the channel)", message.id, exc)
 
     async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
-        dead = Message(None, message.data, message.content_type, headers, message.id,
-                       self.dead_letter_queue, message.correlation_id)
-        await self._publish(dead, None, self.dead_letter_queue)
+        if self.dead_letter_queue not in self._link.declared:  # declared when first needed
+            await self._link.declare(self.dead_letter_queue)
+        dead = Message(data=message.data, content_type=message.content_type, headers=headers, id=message.id,
+                       correlation_id=message.correlation_id)
+        await self._link.publish(dead, self.dead_letter_queue)
 
-    async def _reply(self, message: Message, data: bytes, content_type: str, headers: dict[str, Any]) -> None:
-        reply = Message(None, data, content_type, headers, _new_id(), message.reply_to or "",
-                        message.correlation_id)
+    async def _reply(self, message: Message, result: Any, error: str | None) -> None:
+        data, content_type, headers = _reply_payload(result, error)
+        reply = Message(data=data, content_type=content_type, headers=headers, id=_new_id(),
+                        correlation_id=message.correlation_id)
         # Not mandatory: a requester that gave up has no reply queue any more.
-        await self._publish(reply, None, message.reply_to or "", mandatory=False)
+        await self._link.publish(reply, message.reply_to or "", mandatory=False)
+
+    async def delete_queues(self) -> None:
+        """Delete this consumer's queue and its dead-letter queue on the broker."""
+        await self._link.delete(self.queue_name, self.dead_letter_queue)
 
 
 ###############################################################################
@@ -1304,27 +1559,26 @@ class HTTPProducer(Producer):
     :param host: ``host:port`` (or a base URL) of the consumer; else
         ``HTTP_HOST``, default ``localhost:9000``.
     :param endpoint: the full URL; default ``http://{host}/{queue_name}``.
-    :param timeout: seconds for a whole request, retries not counted.
+    :param timeout: seconds for a whole request (``send(timeout=)`` per call).
     :param auth_token: sent as ``Authorization: Bearer``; else ``HTTP_AUTH_TOKEN``.
     :param ssl_context: for HTTPS with a private CA or client certificates.
     :param pool_size: connections kept open to the consumer.
     """
 
-    transport = HTTP
+    client = ("aiohttp", "aiohttp")
+    brokered = False
     send_flags = frozenset({"method", "endpoint"})
 
-    def __init__(self, queue_name: str, *, host: str | None = None, endpoint: str | None = None,
-                 retries: int = 3, retry_backoff: float = 0.1, timeout: float = 30.0,
-                 auth_token: str | None = None, ssl_context: ssl.SSLContext | None = None,
-                 pool_size: int = 100) -> None:
-        super().__init__(queue_name)
-        _require("aiohttp")
-        self.endpoint = endpoint or f"{_http_host_url(host, ssl_context)}/{queue_name}"
+    def _setup(self, host: str | None = None, endpoint: str | None = None, retries: int = 3,
+               retry_backoff: float = 0.1, timeout: float = 30.0, auth_token: str | None = None,
+               ssl_context: ssl.SSLContext | None = None, pool_size: int = 100) -> None:
+        self._client()
+        self.endpoint = endpoint or f"{_http_host_url(host, ssl_context)}/{self.queue_name}"
         if urllib.parse.urlsplit(self.endpoint).scheme not in ("http", "https"):
             raise ConfigError(f"an HTTP endpoint starts with http:// or https://, got {_redact(self.endpoint)!r}")
         self.retries = _number("retries", retries, int, 0)
         self.retry_backoff = _number("retry_backoff", retry_backoff)
-        self.timeout = _number("timeout", timeout)
+        self.timeout = _number("timeout", timeout, float, 0.001)
         self.pool_size = _number("pool_size", pool_size, int, 1)
         token = auth_token if auth_token is not None else os.environ.get("HTTP_AUTH_TOKEN")
         self._auth = {"Authorization": f"Bearer {token}"} if token else {}
@@ -1332,7 +1586,7 @@ class HTTPProducer(Producer):
         self._shown_endpoint = _redact(self.endpoint)  # for messages, computed once
 
     async def _connect(self) -> None:
-        aiohttp = _require("aiohttp")
+        aiohttp = self._client()
         self._aiohttp = aiohttp
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout),
@@ -1347,11 +1601,27 @@ class HTTPProducer(Producer):
 
     async def _publish(self, message: Message, timeout: float | None, method: str = "POST",
                        endpoint: str | None = None, **flags: Any) -> Any:
+        timeout = timeout or self.timeout
+        try:
+            return await self._exchange(message, timeout, method, endpoint)
+        except TimeoutError:
+            # Not retried: the consumer may have taken the message and still be working on it.
+            raise SendError(f"{method.upper()} {self._shown(endpoint)} got no answer within {timeout}s; "
+                            "the consumer may still handle it") from None
+
+    async def _request(self, message: Message, timeout: float, **flags: Any) -> Any:
+        try:
+            async with asyncio.timeout(timeout):  # retries included: the caller's deadline is the whole exchange
+                return await self._exchange(message, timeout, flags.get("method", "POST"), flags.get("endpoint"))
+        except TimeoutError:
+            raise RequestTimeout(f"no answer from {self._shown(flags.get('endpoint'))} within {timeout}s") from None
+
+    async def _exchange(self, message: Message, timeout: float, method: str, endpoint: str | None) -> Any:
         aiohttp = self._aiohttp
         method = method.upper()
         url = endpoint or self.endpoint
         shown = self._shown(endpoint)
-        headers = {k: v if isinstance(v, str) else str(v) for k, v in message.headers.items()}
+        headers = {k: v if isinstance(v, str) else str(v) for k, v in message.headers.items() if k != _EXPIRES}
         headers.update({"X-Message-Id": message.id, **self._auth})
         if message.correlation_id:
             headers["X-Correlation-Id"] = message.correlation_id
@@ -1364,20 +1634,16 @@ class HTTPProducer(Producer):
         else:
             headers["Content-Type"] = message.content_type
             params, data = None, message.data
-        client_timeout = aiohttp.ClientTimeout(total=timeout) if timeout else None
+        client_timeout = aiohttp.ClientTimeout(total=timeout)
         attempt = 0
 
         async def once() -> tuple[int, bytes, str]:
             nonlocal attempt
             attempt += 1
             headers["X-Attempt"] = str(attempt)
-            try:
-                async with self._session.request(method, url, data=data, params=params, headers=headers,
-                                                 timeout=client_timeout) as response:
-                    body = await response.read()
-            except TimeoutError:
-                raise RequestTimeout(f"{method} {shown} got no answer within "
-                                     f"{timeout or self.timeout}s") from None
+            async with self._session.request(method, url, data=data, params=params, headers=headers,
+                                             timeout=client_timeout) as response:
+                body = await response.read()
             if response.status in _RETRY_STATUSES:
                 raise _RetryableStatus(response.status, body)
             return response.status, body, response.headers.get("Content-Type", "")
@@ -1385,7 +1651,7 @@ class HTTPProducer(Producer):
         try:
             status, body, ctype = await _retry(
                 once, what=f"{method} {shown}", retry_on=(aiohttp.ClientConnectionError, _RetryableStatus),
-                attempts=self.retries + 1, base=self.retry_backoff, cap=5.0)
+                fatal=(TimeoutError,), attempts=self.retries + 1, base=self.retry_backoff, cap=5.0)
         except _RetryableStatus as exc:
             raise HTTPError(exc.status, _excerpt(exc.body), shown) from None
         except aiohttp.ClientConnectionError as exc:
@@ -1397,19 +1663,11 @@ class HTTPProducer(Producer):
             return None
         return decode(body, ctype)
 
-    async def _request(self, message: Message, timeout: float, **flags: Any) -> Any:
-        try:
-            async with asyncio.timeout(timeout):  # retries included: the caller's deadline is the whole exchange
-                return await self._publish(message, timeout, **flags)
-        except RequestTimeout:
-            raise
-        except TimeoutError:
-            raise RequestTimeout(f"no answer from {self._shown(flags.get('endpoint'))} within {timeout}s") from None
-
 
 def _json_error(status: int, error: str, **headers: str) -> web.Response:
     json_response: Callable[..., web.Response] = importlib.import_module("aiohttp.web").json_response
-    return json_response({"error": error}, status=status, headers=headers or None)
+    response: web.Response = json_response({"error": error}, status=status, headers=headers or None)
+    return response
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes | None:
@@ -1426,36 +1684,51 @@ async def _read_body(request: web.Request, limit: int) -> bytes | None:
 
 
 class _HTTPServer:
-    """One aiohttp application on host:port serving HTTP consumers' routes,
-    ``GET /healthz`` and JSON 404s; stopping it drains in-flight requests."""
+    """One aiohttp application on host:port, shared by every HTTP consumer
+    (and runner) of the event loop that asks for that address, and stopped
+    when the last one leaves. It serves ``GET /healthz``, dispatches
+    ``/{queue}`` to the consumer serving it now, and answers JSON 404s."""
 
-    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None,
-                 shutdown_timeout: float = 30.0) -> None:
-        self._web = _require("aiohttp.web")
+    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None, shutdown_timeout: float) -> None:
+        self._web = _require("aiohttp.web", "aiohttp")
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
-        self.shutdown_timeout = shutdown_timeout
         self.app = self._web.Application()
         self.app.router.add_get("/healthz", self._health)
-        self._runner: Any = None
+        self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        #: The consumer serving each route.
+        self.routes: dict[str, HTTPConsumer] = {}
+        self._runner = self._web.AppRunner(self.app, access_log=None, shutdown_timeout=shutdown_timeout)
+        self._users = 0
 
-    def add(self, consumer: HTTPConsumer) -> None:
-        consumer.mount(self.app)
-        consumer._server = self
+    @classmethod
+    async def acquire(cls, host: str, port: int, ssl_context: ssl.SSLContext | None,
+                      shutdown_timeout: float) -> _HTTPServer:
+        servers = _http_servers.setdefault(asyncio.get_running_loop(), {})
+        server = servers.get((host, port))
+        if server is None:
+            server = cls(host, port, ssl_context, shutdown_timeout)
+            await server._start()
+            servers[(host, port)] = server
+            if port == 0:  # later consumers of port 0 share it too, and those of its real port
+                servers[(host, server.port)] = server
+        elif server.ssl_context is not ssl_context and ssl_context is not None:
+            raise ConfigError(f"{host}:{port} is already served with other TLS settings")
+        server._users += 1
+        return server
 
-    async def _health(self, request: web.Request) -> web.Response:
-        return self._web.json_response({"status": "ok"})
+    async def release(self) -> None:
+        self._users -= 1
+        if self._users <= 0:
+            servers = _http_servers.get(asyncio.get_running_loop(), {})
+            for key in [key for key, server in servers.items() if server is self]:
+                del servers[key]
+            await self._runner.cleanup()  # aiohttp drains in-flight requests
 
-    async def _not_found(self, request: web.Request) -> web.Response:
-        return _json_error(404, f"no route {request.path!r}")
-
-    async def start(self) -> None:
-        web = self._web
-        self.app.router.add_route("*", "/{tail:.*}", self._not_found)  # last, so it only catches the rest
-        self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=self.shutdown_timeout)
+    async def _start(self) -> None:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
+        site = self._web.TCPSite(self._runner, self.host, self.port, ssl_context=self.ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -1464,14 +1737,24 @@ class _HTTPServer:
         self.port = self._runner.addresses[0][1]
         log.info("serving HTTP on %s:%d", self.host, self.port)
 
-    async def stop(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+    async def _health(self, request: web.Request) -> web.Response:
+        response: web.Response = self._web.json_response({"status": "ok"})
+        return response
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        consumer = self.routes.get(request.match_info["tail"])
+        if consumer is None:
+            return _json_error(404, f"no route {request.path!r}")
+        return await consumer._serve(request)
 
     def url(self, path: str) -> str:
         host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(self.host, self.host)
         return f"{'https' if self.ssl_context else 'http'}://{host}:{self.port}/{path}"
+
+
+_http_servers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], _HTTPServer]] = \
+    weakref.WeakKeyDictionary()
+_RESPONSE = "streamtools.response"  # where a request's response waits, on the aiohttp Request
 
 
 class HTTPConsumer(Consumer):
@@ -1480,6 +1763,7 @@ class HTTPConsumer(Consumer):
     value answers 200, ``None`` answers 202; bad input gets a JSON 4xx and
     never reaches the handler; a handler error answers 500. HTTP is
     synchronous: the caller sees failures, retries are the producer's.
+    Consumers on the same host and port share one server.
 
     :param host: address to listen on (default ``0.0.0.0``).
     :param port: port (default ``HTTP_PORT``, else 9000; 0 picks a free one).
@@ -1491,29 +1775,26 @@ class HTTPConsumer(Consumer):
     code can pass them, and unused: the producer retries.
     """
 
-    transport = HTTP
+    client = ("aiohttp", "aiohttp")
+    brokered = False
     handler_flags = frozenset({"method"})
     listens = True
 
-    def __init__(self, queue_name: str, *, prefetch: int = _DEFAULT_PREFETCH,
-                 max_retries: int = _DEFAULT_MAX_RETRIES, retry_backoff: float = 0.2,
-                 retry_backoff_max: float = 30.0, drain_timeout: float = 30.0, host: str | None = None,
-                 port: int | None = None, max_body: int = _DEFAULT_MAX_BODY, auth_token: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        super().__init__(queue_name, prefetch=prefetch, max_retries=max_retries, retry_backoff=retry_backoff,
-                         retry_backoff_max=retry_backoff_max, drain_timeout=drain_timeout)
-        _require("aiohttp")
-        if any(c in queue_name for c in "/?#{}%"):
-            raise ConfigError(f"an HTTP queue name is one path segment without / ? # {{ }} %, got {queue_name!r}")
+    def _setup(self, host: str | None = None, port: int | None = None, max_body: int = _DEFAULT_MAX_BODY,
+               auth_token: str | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._client()
+        if any(c in self.queue_name for c in "/?#{}%"):
+            raise ConfigError(f"an HTTP queue name is one path segment without / ? # {{ }} %, "
+                              f"got {self.queue_name!r}")
+        self.max_retries = 0  # the caller retries: a 500 tells it the handler failed
         self.host = host or "0.0.0.0"
-        self.port = _number("port", _setting("HTTP_PORT", "9000") if port is None else port, int, 0)
+        self.port = _port("port", _setting("HTTP_PORT", "9000") if port is None else port)
         self.max_body = _number("max_body", max_body, int, 0)
         token = auth_token if auth_token is not None else os.environ.get("HTTP_AUTH_TOKEN")
         self._auth = f"Bearer {token}".encode() if token else None
         self.ssl_context = ssl_context
         self._server: _HTTPServer | None = None
-        self._own_server = False
-        self._slots: asyncio.Semaphore | None = None
+        self._mounted = False
 
     def _handler_key(self, flags: dict[str, Any]) -> str:
         method = str(flags.get("method", "POST")).upper()
@@ -1525,12 +1806,12 @@ class HTTPConsumer(Consumer):
         """Serve this consumer's route on an existing aiohttp ``Application``
         (its owner runs it; ``start()`` then opens no port of its own)."""
         app.router.add_route("*", f"/{self.queue_name}", self._serve)
-        self._server = self._server or _EXTERNAL
+        self._mounted = True
 
     @property
     def url(self) -> str:
         """The URL a producer posts to, once serving."""
-        if self._server is None or self._server is _EXTERNAL:
+        if self._server is None:
             raise ConfigError(f"HTTP consumer {self.queue_name!r} is not serving on a port of its own")
         return self._server.url(self.queue_name)
 
@@ -1538,37 +1819,41 @@ class HTTPConsumer(Consumer):
         return {"endpoint": self.url, "ssl_context": self.ssl_context}
 
     async def _connect(self) -> None:
-        self._web = _require("aiohttp.web")
-        self._slots = asyncio.Semaphore(self.prefetch)
+        self._web = self._client("aiohttp.web")
+
+    async def _disconnect(self) -> None:
+        """Nothing to release: the route left the server in ``_stop_intake``."""
 
     async def _start_intake(self) -> None:
-        if self._server is None:
-            self._server = _HTTPServer(self.host, self.port, self.ssl_context, self.drain_timeout)
-            self._server.add(self)
-            self._own_server = True
-            try:
-                await self._server.start()
-            except BaseException:
-                self._server, self._own_server = None, False
-                raise
+        if self._mounted:
+            return
+        server = await _HTTPServer.acquire(self.host, self.port, self.ssl_context, self.drain_timeout)
+        known = server.routes.get(self.queue_name)
+        if known is not None and known is not self:
+            await server.release()
+            raise ConfigError(f"{self.host}:{self.port} already serves /{self.queue_name} for {known!r}")
+        server.routes[self.queue_name] = self
+        self._server = server
 
     async def _stop_intake(self) -> None:
-        if self._own_server and self._server is not None:
-            server, self._server, self._own_server = self._server, None, False
-            await server.stop()  # aiohttp drains in-flight requests
+        if self._server is not None:
+            server, self._server = self._server, None
+            server.routes.pop(self.queue_name, None)
+            await server.release()
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         if self._auth is not None and not hmac.compare_digest(
                 request.headers.get("Authorization", "").encode(), self._auth):
             return _json_error(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
-        entry = self._handlers.get(request.method)
-        if entry is None:
-            return _json_error(405, f"{request.method} is not allowed on /{self.queue_name}",
+        method = request.method
+        if method not in self._handlers:
+            return _json_error(405, f"{method} is not allowed on /{self.queue_name}",
                                Allow=", ".join(sorted(self._handlers)))
         if self._slots is None:  # mounted on a user's application without start()
             await self.a_init()
+            self._slots = asyncio.Semaphore(self.prefetch)
         headers = request.headers
-        if request.method in _BODYLESS:
+        if method in _BODYLESS:
             data, ctype, body = b"", "", dict(request.query)
         else:
             raw = await _read_body(request, self.max_body)
@@ -1580,27 +1865,35 @@ class HTTPConsumer(Consumer):
             except DecodeError as exc:
                 return _json_error(400, str(exc))
         attempt = headers.get("X-Attempt", "1")
-        message = Message(body, data, ctype, dict(headers), headers.get("X-Message-Id") or _new_id(),
-                          self.queue_name, headers.get("X-Correlation-Id"), None,
-                          int(attempt) if attempt.isdigit() else 1, False, request)
-        fn, is_coroutine = entry
-        assert self._slots is not None
-        async with self._slots:
-            token = _current.set(message)
-            try:
-                result = await fn(body) if is_coroutine else await _maybe_await(fn(body))
-                if result is None:
-                    return self._web.Response(status=202)
-                data, ctype = encode(result)
-            except Exception:
-                log.exception("handler of %r failed on message %s", self.queue_name, message.id)
-                return _json_error(500, "the handler failed; see the consumer's log", **{"X-Message-Id": message.id})
-            finally:
-                _current.reset(token)
-        return self._web.Response(body=data, headers={"Content-Type": ctype})
+        message = Message(body=body, data=data, content_type=ctype, headers=dict(headers),
+                          id=headers.get("X-Message-Id") or _new_id(), queue=self.queue_name,
+                          correlation_id=headers.get("X-Correlation-Id"), reply_to="",
+                          attempt=int(attempt) if attempt.isdigit() else 1, raw=request)
+        await self._deliver(message, method, decoded=True)
+        response: web.StreamResponse = request[_RESPONSE]
+        return response
 
+    # Settling a message is writing its response.
 
-_EXTERNAL: Any = object()  # an HTTP consumer mounted on an application someone else runs
+    async def _reply(self, message: Message, result: Any, error: str | None) -> None:
+        web = self._web
+        if error is not None:
+            response = _json_error(500, "the handler failed; see the consumer's log", **{"X-Message-Id": message.id})
+        elif result is None:
+            response = web.Response(status=202)
+        else:
+            data, ctype = encode(result)
+            response = web.Response(body=data, headers={"Content-Type": ctype})
+        message.raw[_RESPONSE] = response
+
+    async def _ack(self, message: Message) -> None:
+        """Nothing more: the response is the acknowledgement."""
+
+    async def _requeue(self, message: Message) -> None:
+        """Nothing to hand back: the caller sees its request fail and may retry."""
+
+    async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
+        """No dead-letter queue: the caller gets the 500 and keeps its message."""
 
 
 ###############################################################################
@@ -1608,27 +1901,31 @@ _EXTERNAL: Any = object()  # an HTTP consumer mounted on an application someone 
 ###############################################################################
 
 
-class _Registry(dict[str, type[_T]]):
-    """A dict of transport classes by name: case-insensitive, with aliases."""
+class _Registry(Mapping[str, type[_T]]):
+    """Transport classes by name: case-insensitive, with aliases. Read-only:
+    :func:`register_transport` adds to it."""
 
-    def __init__(self, kind: str) -> None:
-        super().__init__()
-        self.kind = kind
+    def __init__(self) -> None:
+        self._classes: dict[str, type[_T]] = {}
         self.aliases: dict[str, str] = {}
 
     def canonical(self, name: Any) -> str:
+        """The registered name for ``name`` or one of its aliases.
+
+        :raises UnknownTransport: no transport has that name; lists the valid ones.
+        """
         if isinstance(name, str):
-            if dict.__contains__(self, name):
+            if name in self._classes:
                 return name
             found = self.aliases.get(name.lower())
             if found is not None:
                 return found
-        own = {key.lower() for key in self}
-        valid = sorted(self) + sorted(alias for alias in self.aliases if alias not in own)
+        own = {key.lower() for key in self._classes}
+        valid = sorted(self._classes) + sorted(alias for alias in self.aliases if alias not in own)
         raise UnknownTransport(f"unknown transport {name!r}; choose one of: {', '.join(valid)}")
 
     def __getitem__(self, name: Any) -> type[_T]:
-        return dict.__getitem__(self, self.canonical(name))
+        return self._classes[self.canonical(name)]
 
     def __contains__(self, name: object) -> bool:
         try:
@@ -1637,27 +1934,33 @@ class _Registry(dict[str, type[_T]]):
             return False
         return True
 
-    def get(self, name: Any, default: Any = None) -> Any:
-        return self[name] if name in self else default
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._classes)
 
-    def add(self, name: str, cls: type[_T], aliases: Iterable[str]) -> None:
-        dict.__setitem__(self, name, cls)
+    def __len__(self) -> int:
+        return len(self._classes)
+
+    def __repr__(self) -> str:
+        return f"{{{', '.join(f'{k!r}: {v.__name__}' for k, v in self._classes.items())}}}"
+
+    def _add(self, name: str, cls: type[_T], aliases: Iterable[str]) -> None:
+        self._classes[name] = cls
         for alias in (name, *aliases):
             self.aliases[alias.lower()] = name
 
 
 #: Producer classes by transport name (``PRODUCERS[RABBITMQ]``, ``PRODUCERS["rabbitmq"]``).
-PRODUCERS: _Registry[Producer] = _Registry("producer")
+PRODUCERS: _Registry[Producer] = _Registry()
 #: Consumer classes by transport name; ``CONSUMERS`` is the same object.
-CONSUMER_LOOPS: _Registry[Consumer] = _Registry("consumer")
+CONSUMER_LOOPS: _Registry[Consumer] = _Registry()
 CONSUMERS = CONSUMER_LOOPS
 
 
 def register_transport(name: str, producer_cls: type[Producer], consumer_cls: type[Consumer],
                        aliases: Iterable[str] = ()) -> None:
     """Make a transport available in :data:`PRODUCERS` and :data:`CONSUMER_LOOPS`
-    under ``name`` and ``aliases`` (case-insensitive). Re-registering a name
-    replaces it.
+    under ``name`` and ``aliases`` (case-insensitive); the classes' ``transport``
+    becomes ``name``. Re-registering a name replaces it.
 
     :raises ConfigError: the classes are not a Producer and a Consumer.
     """
@@ -1668,8 +1971,11 @@ def register_transport(name: str, producer_cls: type[Producer], consumer_cls: ty
     if not (isinstance(consumer_cls, type) and issubclass(consumer_cls, Consumer)):
         raise ConfigError(f"consumer_cls must subclass streamtools.Consumer, got {consumer_cls!r}")
     aliases = tuple(aliases)
-    PRODUCERS.add(name, producer_cls, aliases)
-    CONSUMER_LOOPS.add(name, consumer_cls, aliases)
+    producer_cls.transport = consumer_cls.transport = name
+    PRODUCERS._add(name, producer_cls, aliases)
+    CONSUMER_LOOPS._add(name, consumer_cls, aliases)
+    # Every transport ignores the others' flags, so agnostic code can pass them.
+    _known_flags.update(producer_cls.send_flags, consumer_cls.handler_flags)
 
 
 register_transport(MEMORY, MemoryProducer, MemoryConsumer, aliases=("memory", "asyncio", "inproc"))
@@ -1838,9 +2144,10 @@ class ConsumerFactory:
 
     def mount(self, app: web.Application) -> None:
         """Serve every HTTP route on an existing aiohttp ``Application``."""
-        for consumer in self.instances:
-            if not isinstance(consumer, HTTPConsumer):
-                raise ConfigError(f"only HTTP consumers can be mounted, {consumer!r} is {consumer.transport}")
+        http = [c for c in self.instances if isinstance(c, HTTPConsumer)]
+        if len(http) < len(self.instances):
+            raise ConfigError(f"only HTTP consumers can be mounted, these are {self.consumer_class.transport}")
+        for consumer in http:
             consumer.mount(app)
 
     def runner(self, **options: Any) -> ConsumerRunner:
@@ -1887,31 +2194,27 @@ class ConsumerRunner:
             for consumer, handler in zip(self.consumers, handlers):
                 if not consumer._handlers:
                     consumer()(handler)
-        http = [c for c in self.consumers if isinstance(c, HTTPConsumer)]
-        self.host = host or next((c.host for c in http), "0.0.0.0")
-        self.port = port if port is not None else next((c.port for c in http), 9000)
-        self.ssl_context = ssl_context or next((c.ssl_context for c in http if c.ssl_context), None)
-        self._http = http
-        self._server: _HTTPServer | None = None
+        listening: list[Any] = [c for c in self.consumers if c.listens]
+        self.host = host or next((c.host for c in listening), "0.0.0.0")
+        self.port = port if port is not None else next((c.port for c in listening), 9000)
+        self.ssl_context = ssl_context or next((c.ssl_context for c in listening if c.ssl_context), None)
         self._started = False
 
     async def start(self) -> None:
         """Connect every consumer and start serving."""
         if self._started:
             return
+        for consumer in self.consumers:  # listening consumers share one server on the runner's address
+            if consumer.listens:
+                consumer.host, consumer.port = self.host, self.port  # type: ignore[attr-defined]
+                consumer.ssl_context = self.ssl_context  # type: ignore[attr-defined]
         started: list[Consumer] = []
         try:
-            if self._http:
-                drain = max(c.drain_timeout for c in self._http)
-                self._server = _HTTPServer(self.host, self.port, self.ssl_context, drain)
-                for http_consumer in self._http:
-                    self._server.add(http_consumer)
             for consumer in self.consumers:
                 await consumer.start()
                 started.append(consumer)
-            if self._server is not None:
-                await self._server.start()
-                self.port = self._server.port
+                if consumer.listens:
+                    self.port = consumer.port = consumer._server.port  # type: ignore[attr-defined]
         except BaseException:
             await asyncio.gather(*(c.stop() for c in started), return_exceptions=True)
             raise
@@ -1922,14 +2225,12 @@ class ConsumerRunner:
         if not self._started:
             return
         self._started = False
-        if self._server is not None:
-            await self._server.stop()  # stops listening, drains in-flight requests
         results = await asyncio.gather(*(c.stop() for c in self.consumers), return_exceptions=True)
         for consumer, result in zip(self.consumers, results):
             if isinstance(result, BaseException):
                 log.error("stopping %r failed: %r", consumer, result)
 
-    async def __aenter__(self) -> ConsumerRunner:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

@@ -184,6 +184,18 @@ async def http() -> Any:
     await kit.close()
 
 
+@pytest.fixture
+def scratch_registries() -> Any:
+    """Registries restored after the test, for tests that register transports."""
+    saved = [(r, dict(r._classes), dict(r.aliases)) for r in (PRODUCERS, CONSUMER_LOOPS)]
+    flags = set(streamtools._known_flags)
+    yield
+    for registry, classes, aliases in saved:
+        registry._classes, registry.aliases = classes, aliases
+    streamtools._known_flags.clear()
+    streamtools._known_flags.update(flags)
+
+
 async def spawn(script: str, tmp_path: Path, *args: str, **env: str) -> asyncio.subprocess.Process:
     path = tmp_path / f"child_{uuid.uuid4().hex[:6]}.py"
     path.write_text(textwrap.dedent(script))
@@ -251,7 +263,7 @@ class TestNames:
         assert "kafka" not in PRODUCERS
         assert PRODUCERS.get("kafka") is None
 
-    def test_register_transport(self) -> None:
+    def test_register_transport(self, scratch_registries: None) -> None:
         class LoudProducer(streamtools.MemoryProducer):
             pass
 
@@ -259,18 +271,17 @@ class TestNames:
             pass
 
         streamtools.register_transport("LoudHandler", LoudProducer, LoudConsumer, aliases=("loud",))
-        try:
-            assert PRODUCERS["LOUD"] is LoudProducer
-            assert CONSUMERS["loudhandler"] is LoudConsumer
-        finally:
-            for registry in (PRODUCERS, CONSUMER_LOOPS):
-                dict.pop(registry, "LoudHandler")
-                registry.aliases.pop("loud")
-                registry.aliases.pop("loudhandler")
+        assert PRODUCERS["LOUD"] is LoudProducer
+        assert CONSUMERS["loudhandler"] is LoudConsumer
+        assert LoudProducer.transport == LoudConsumer.transport == "LoudHandler"
         with pytest.raises(streamtools.ConfigError, match="must subclass streamtools.Producer"):
             streamtools.register_transport("Bad", dict, LoudConsumer)  # type: ignore[arg-type]
         with pytest.raises(streamtools.ConfigError, match="must subclass streamtools.Consumer"):
             streamtools.register_transport("Bad", LoudProducer, object)  # type: ignore[arg-type]
+
+    def test_registries_are_read_only(self) -> None:
+        with pytest.raises(TypeError):
+            PRODUCERS["sneaky"] = streamtools.MemoryProducer  # type: ignore[index]
 
 
 class TestConfigErrors:
@@ -293,6 +304,8 @@ class TestConfigErrors:
     def test_unknown_option_is_a_type_error_naming_it(self) -> None:
         with pytest.raises(TypeError, match="prefech"):
             CONSUMER_LOOPS[MEMORY]("q", prefech=3)
+        with pytest.raises(streamtools.ConfigError, match=r"\['hots'\].*takes.*'host'"):
+            PRODUCERS[HTTP]("q", hots="x")
 
     def test_bad_rabbitmq_url_never_shows_the_password(self, monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.importorskip("aio_pika")
@@ -697,8 +710,8 @@ class TestImports:
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
         assert lines[:4] == [
-            'MissingDependency the rabbitmq transport needs aio_pika: pip install "streamtools[rabbitmq]"'] * 2 + [
-            'MissingDependency the http transport needs aiohttp: pip install "streamtools[http]"'] * 2
+            "MissingDependency this transport needs the aio-pika package: pip install aio-pika"] * 2 + [
+            "MissingDependency this transport needs the aiohttp package: pip install aiohttp"] * 2
         assert "demo finished" in result.stdout
 
 
@@ -832,7 +845,7 @@ class TestRabbitMQ:
             rmq.queues.update((name, f"{name}.dead"))
             consumers.route(name)(lambda msg, name=name: got.append((name, msg)))
         async with ConsumerRunner(consumers=consumers.instances, handlers=consumers.handlers):
-            assert len({id(c._connection) for c in consumers.instances}) == 1  # type: ignore[attr-defined]
+            assert len({id(c._link.connection) for c in consumers.instances}) == 1  # type: ignore[attr-defined]
             for name in names:
                 producer = await rmq.producer(name)
                 await producer.send(name)
@@ -1023,14 +1036,31 @@ class TestHTTP:
         assert calls == ["hi", "quiet", "fail"]  # bad input never reached the handler
 
     async def test_a_taken_port_is_a_clear_error(self, http: Kit) -> None:
-        first = http.consumer("one")
-        first()(lambda msg: None)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            consumer = http.consumer("two", port=port)
+            consumer()(lambda msg: None)
+            with pytest.raises(streamtools.ConnectionFailed, match=f"cannot listen on 127.0.0.1:{port}"):
+                await consumer.start()
+
+    async def test_consumers_on_one_address_share_one_server(self, http: Kit) -> None:
+        first, second = http.consumer("one"), http.consumer("two")
+        first()(lambda msg: "from one")
+        second()(lambda msg: "from two")
         await first.start()
         port = int(first.url.split(":")[2].split("/")[0])
-        second = http.consumer("two", port=port)
-        second()(lambda msg: None)
-        with pytest.raises(streamtools.ConnectionFailed, match=f"cannot listen on 127.0.0.1:{port}"):
-            await second.start()
+        second.port = port
+        await second.start()
+        assert second.url.replace("/two", "/one") == first.url
+        one, two = await http.producer(first), await http.producer(second)
+        assert (await one.request("x"), await two.request("x")) == ("from one", "from two")
+        await first.stop()  # the server stays up for the other consumer
+        assert await two.request("x") == "from two"
+        with pytest.raises(streamtools.HTTPError) as info:
+            await one.send("x")
+        assert info.value.status == 404
 
     async def test_get_query_parameters_arrive_as_a_dict(self, http: Kit) -> None:
         consumer = http.consumer()
