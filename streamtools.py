@@ -80,6 +80,7 @@ import abc
 import argparse
 import asyncio
 import base64
+import contextlib
 import contextvars
 import dataclasses
 import hmac
@@ -99,6 +100,7 @@ import weakref
 from typing import (
     TYPE_CHECKING,
     Any,
+    AsyncIterator,
     Awaitable,
     Callable,
     ClassVar,
@@ -943,6 +945,10 @@ class Consumer(_Endpoint):
                         "x-attempts": message.attempt, "x-original-queue": self.queue_name,
                         "x-failed-at": int(time.time() * 1000)})
         try:
+            if self.dead_letter_queue == self.queue_name:
+                # A dead letter that fails again goes back to the tail of its queue, after a pause:
+                # nothing is lost, and a lone poison message does not spin.
+                await asyncio.sleep(self.retry_backoff_max)
             await self._dead_letter(message, headers)
         except Exception:
             log.exception("could not dead-letter message %s of %r; it goes back to the queue",
@@ -2159,6 +2165,26 @@ class ConsumerFactory:
         self.runner().run()
 
 
+@contextlib.asynccontextmanager
+async def _signals_set(event: asyncio.Event) -> AsyncIterator[None]:
+    """SIGINT and SIGTERM set ``event`` while inside; the handlers are removed after."""
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        try:
+            loop.add_signal_handler(sig, event.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
+            pass
+    try:
+        yield
+    finally:
+        for sig in signals:
+            try:
+                loop.remove_signal_handler(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+
+
 class ConsumerRunner:
     """Runs a set of consumers: every HTTP route on one aiohttp application on
     ``host:port`` (a port is bound only when there are HTTP consumers), every
@@ -2240,24 +2266,11 @@ class ConsumerRunner:
     async def serve(self) -> None:
         """Serve until SIGINT or SIGTERM, then stop gracefully."""
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        signals = (signal.SIGINT, signal.SIGTERM)
-        for sig in signals:
-            try:
-                loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
-                pass
-        try:
-            async with self:
-                log.info("serving %d consumer(s); SIGINT or SIGTERM stops", len(self.consumers))
-                await stop.wait()
-                log.info("stopping")
-        finally:
-            for sig in signals:
-                try:
-                    loop.remove_signal_handler(sig)
-                except (NotImplementedError, RuntimeError):
-                    pass
+        async with _signals_set(stop), self:
+            where = f" on {self.host}:{self.port}" if any(c.listens for c in self.consumers) else ""
+            log.info("serving %d consumer(s)%s; SIGINT or SIGTERM stops", len(self.consumers), where)
+            await stop.wait()
+            log.info("stopping")
 
     def run(self) -> None:
         """Block serving until SIGINT or SIGTERM; then stop gracefully and return."""
@@ -2265,6 +2278,91 @@ class ConsumerRunner:
             asyncio.run(self.serve())
         except KeyboardInterrupt:  # where signal handlers are unavailable
             pass
+
+
+def _percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
+
+
+async def bench(kind: str = MEMORY, n: int = 10000, size: int = 100, concurrency: int = 50,
+                progress: Callable[[int, int], None] | None = None, timeout: float | None = None,
+                **options: Any) -> dict[str, Any]:
+    """Measure a transport end to end (send, handler, acknowledgement):
+    ``concurrency`` senders each send a message of ``size`` payload bytes and
+    wait until it was handled before sending the next, so latency is that of
+    one message with ``concurrency`` in flight, not of a backlog.
+
+    The run uses a queue of its own and deletes it at the end.
+
+    :param timeout: seconds for the whole run (default: 30 plus 10 ms a message).
+    :return: ``msgs_per_sec``, ``p50_ms`` and ``p99_ms`` among others.
+    :raises StreamtoolsError: messages were missing when the timeout ran out.
+    """
+    queue = f"streamtools-bench-{_new_id()}"
+    consumer_cls, producer_cls = CONSUMER_LOOPS[kind], PRODUCERS[kind]
+    place: dict[str, Any] = {"host": "127.0.0.1", "port": 0} if consumer_cls.listens else {}
+    consumer = consumer_cls(queue, prefetch=max(64, concurrency), **place, **options)
+    waiting: dict[int, asyncio.Future[None]] = {}
+    latencies: list[float] = []
+    handled = 0
+    clock = time.perf_counter
+
+    @consumer()
+    async def handle(msg: Any) -> None:
+        nonlocal handled
+        handled += 1
+        future = waiting.pop(msg["seq"], None)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+    payload = "x" * size
+    loop = asyncio.get_running_loop()
+
+    async def sender(producer: Producer, first: int) -> None:
+        for seq in range(first, n, concurrency):
+            future = waiting[seq] = loop.create_future()
+            began = clock()
+            await producer.send({"seq": seq, "payload": payload})
+            await future
+            latencies.append(clock() - began)
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            if progress:
+                progress(len(latencies), handled)
+
+    timeout = 30 + n / 100 if timeout is None else _number("timeout", timeout, float, 0.001)
+    producer: Producer | None = None
+    try:
+        await consumer.start()
+        producer = producer_cls(queue, **consumer._producer_options(), **options)
+        await producer.a_init()
+        started = clock()
+        reporter = asyncio.create_task(report())
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(sender(producer, i) for i in range(min(concurrency, n))))
+        except TimeoutError:
+            raise StreamtoolsError(f"bench on {consumer_cls.transport} timed out after {timeout}s: "
+                                   f"{n - handled} of {n} messages were not handled") from None
+        finally:
+            reporter.cancel()
+        elapsed = clock() - started
+        if progress:
+            progress(len(latencies), handled)
+    finally:
+        if producer is not None:
+            await producer.close()
+        await consumer.stop(timeout=1)
+        await consumer.delete_queues()
+    latencies.sort()
+    return {"transport": consumer_cls.transport, "n": n, "size": size, "concurrency": concurrency,
+            "seconds": round(elapsed, 4), "msgs_per_sec": round(n / elapsed, 1),
+            "p50_ms": round(_percentile(latencies, 0.50) * 1000, 3),
+            "p99_ms": round(_percentile(latencies, 0.99) * 1000, 3)}
 
 
 ###############################################################################
@@ -2290,18 +2388,14 @@ def _printable(message: Message) -> dict[str, Any]:
     return line
 
 
+#: CLI options passed to a transport that takes them (its ``_setup`` says).
+_CLI_OPTIONS = ("url", "endpoint", "host", "port", "connect_timeout")
+
+
 def _transport_options(args: argparse.Namespace, cls: type[Producer] | type[Consumer]) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    if getattr(args, "url", None):
-        options["url"] = args.url
-    if getattr(args, "endpoint", None):
-        options["endpoint"] = args.endpoint
-    listens = getattr(cls, "listens", False)
-    if getattr(args, "port", None) is not None and listens:
-        options["port"] = args.port
-    if getattr(args, "host", None) and listens:
-        options["host"] = args.host
-    return options
+    takes = inspect.signature(cls._setup).parameters
+    return {name: getattr(args, name) for name in _CLI_OPTIONS
+            if name in takes and getattr(args, name, None) is not None}
 
 
 async def _cli_send(args: argparse.Namespace) -> int:
@@ -2331,10 +2425,7 @@ async def _cli_listen(args: argparse.Namespace) -> int:
         if args.count and seen >= args.count:
             done.set()
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, done.set)
-    async with consumer:
+    async with consumer, _signals_set(done):
         print(f"listening on {args.queue!r} ({consumer.transport}); Ctrl-C stops", file=sys.stderr, flush=True)
         await done.wait()
     return 0
@@ -2377,79 +2468,14 @@ def _runner_for(obj: Any, port: int | None, host: str | None) -> ConsumerRunner:
     raise ConfigError(f"{obj!r} is not a ConsumerFactory, ConsumerRunner, HandlerFactory or Consumer")
 
 
-def _percentile(sorted_values: list[float], fraction: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(fraction * len(sorted_values)))]
-
-
-async def bench(kind: str = MEMORY, n: int = 10000, size: int = 100, concurrency: int = 50,
-                progress: Callable[[int, int], None] | None = None, **options: Any) -> dict[str, Any]:
-    """Send ``n`` messages of ``size`` payload bytes through a transport,
-    ``concurrency`` senders at once, and measure end to end (send, handler,
-    acknowledgement): throughput and latency percentiles."""
-    queue = "streamtools-bench"
-    run_id = _new_id()
-    consumer_cls, producer_cls = CONSUMER_LOOPS[kind], PRODUCERS[kind]
-    place: dict[str, Any] = {"host": "127.0.0.1", "port": 0} if consumer_cls.listens else {}
-    consumer = consumer_cls(queue, prefetch=max(64, concurrency), **place, **options)
-    latencies: list[float] = []
-    done = asyncio.Event()
-    clock = time.perf_counter
-
-    @consumer()
-    async def handle(msg: Any) -> None:
-        if msg.get("run") != run_id:  # left over from an interrupted run
-            return
-        latencies.append(clock() - msg["t"])
-        if len(latencies) >= n:
-            done.set()
-
-    await consumer.start()
-    producer = producer_cls(queue, **consumer._producer_options(), **options)
-    sent = 0
-    payload = "x" * size
-
-    async def sender(count: int) -> None:
-        nonlocal sent
-        for _ in range(count):
-            await producer.send({"run": run_id, "t": clock(), "payload": payload})
-            sent += 1
-
-    async def report() -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            if progress:
-                progress(sent, len(latencies))
-
-    try:
-        await producer.a_init()
-        share, extra = divmod(n, concurrency)
-        started = clock()
-        reporter = asyncio.create_task(report())
-        try:
-            await asyncio.gather(*(sender(share + (i < extra)) for i in range(concurrency)))
-            await done.wait()
-        finally:
-            reporter.cancel()
-        elapsed = clock() - started
-        if progress:
-            progress(sent, len(latencies))
-    finally:
-        await producer.close()
-        await consumer.stop()
-    latencies.sort()
-    return {"transport": consumer_cls.transport, "n": n, "size": size, "concurrency": concurrency,
-            "seconds": round(elapsed, 4), "msgs_per_sec": round(n / elapsed, 1),
-            "p50_ms": round(_percentile(latencies, 0.50) * 1000, 3),
-            "p99_ms": round(_percentile(latencies, 0.99) * 1000, 3)}
-
-
 async def _cli_bench(args: argparse.Namespace) -> int:
     def progress(sent: int, received: int) -> None:
         print(f"\rsent {sent}/{args.n}, handled {received}/{args.n}", end="", file=sys.stderr, flush=True)
 
-    result = await bench(args.transport, args.n, args.size, args.concurrency, progress)
+    options = _transport_options(args, CONSUMER_LOOPS[args.transport])
+    options.pop("port", None)
+    options.pop("host", None)
+    result = await bench(args.transport, args.n, args.size, args.concurrency, progress, args.timeout, **options)
     print(file=sys.stderr)
     if args.json:
         print(json.dumps(result))
@@ -2466,7 +2492,8 @@ async def _cli_demo(args: argparse.Namespace) -> int:
     kind = args.transport
     cls = CONSUMER_LOOPS[kind]
     place: dict[str, Any] = {"host": "127.0.0.1", "port": 0} if cls.listens else {}
-    pricing, orders, notifications = (cls(f"streamtools-demo.{name}", **place)
+    options = {**place, **_transport_options(args, cls)}
+    pricing, orders, notifications = (cls(f"streamtools-demo.{name}", **options)
                                       for name in ("pricing", "orders", "notifications"))
     prices = {"apple": 0.5, "pear": 0.75, "plum": 0.25}
     to: dict[str, Producer] = {}
@@ -2492,6 +2519,16 @@ async def _cli_demo(args: argparse.Namespace) -> int:
             done.set()
 
     runner = ConsumerRunner(consumers=[pricing, orders, notifications], **place)
+    try:
+        await _demo(runner, kind, to, done)
+    finally:
+        for consumer in runner.consumers:  # leave nothing behind on a broker
+            await consumer.delete_queues()
+    print("demo finished: 3 orders priced and announced")
+    return 0
+
+
+async def _demo(runner: ConsumerRunner, kind: str, to: dict[str, Producer], done: asyncio.Event) -> None:
     async with runner:
         for consumer in runner.consumers:
             to[consumer.queue_name.rpartition(".")[2]] = PRODUCERS[kind](
@@ -2506,61 +2543,84 @@ async def _cli_demo(args: argparse.Namespace) -> int:
         finally:
             for producer in to.values():
                 await producer.close()
-    print("demo finished: 3 orders priced and announced")
-    return 0
+
+
+def _cli_port(text: str) -> int:
+    try:
+        return _port("port", text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _build_parser() -> argparse.ArgumentParser:
     kinds = ", ".join(sorted(set(PRODUCERS.aliases) - {name.lower() for name in PRODUCERS}))
     parser = argparse.ArgumentParser(prog="streamtools", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"streamtools {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log to stderr")
+    # -v and -q work before and after the subcommand: SUPPRESS keeps a subcommand's
+    # default from overwriting what was given before it.
+    for target, default in ((parser, False), (None, argparse.SUPPRESS)):
+        logs = argparse.ArgumentParser(add_help=False) if target is None else target
+        logs.add_argument("-v", "--verbose", action="store_true", default=default, help="log at DEBUG")
+        logs.add_argument("-q", "--quiet", action="store_true", default=default, help="log warnings only")
+        if target is None:
+            common = logs
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def transport_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--url", help="RabbitMQ URL (default from RMQ_URL / RMQ_HOST...)")
-        command.add_argument("--endpoint", help="HTTP URL to send to (default http://$HTTP_HOST/QUEUE)")
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], **kwargs)
+        sub.set_defaults(parser=sub)
+        return sub
 
-    def transport_first(command: argparse.ArgumentParser, *slots: str) -> None:
+    def transport_first(sub: argparse.ArgumentParser, *slots: str) -> None:
         # `send rabbitmq QUEUE MSG` and `send --transport rabbitmq QUEUE MSG` both work.
-        command.add_argument("words", nargs="+", metavar="ARG", help=f"[KIND] {' '.join(slots)}")
-        command.add_argument("--transport", metavar="KIND", help=f"instead of KIND: {kinds}")
-        command.set_defaults(word_names=slots)
+        sub.add_argument("words", nargs="+", metavar="ARG", help=f"[KIND] {' '.join(slots)}")
+        sub.add_argument("--transport", metavar="KIND", help=f"instead of KIND: {kinds}")
+        sub.set_defaults(word_names=slots)
 
-    send = commands.add_parser("send", help="send one message", usage="%(prog)s [options] [KIND] QUEUE MESSAGE",
-                               description="Send MESSAGE (JSON, else text) to QUEUE.")
+    def broker_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--url", help="broker URL (RabbitMQ: default from RMQ_URL / RMQ_HOST...)")
+        sub.add_argument("--connect-timeout", type=float, metavar="SECONDS",
+                         help="how long to try connecting to a broker (default 30)")
+
+    send = command("send", help="send one message", usage="%(prog)s [options] [KIND] QUEUE MESSAGE",
+                   description="Send MESSAGE (JSON, else text) to QUEUE.")
     transport_first(send, "QUEUE", "MESSAGE")
     send.add_argument("--request", action="store_true", help="wait for the reply and print it")
     send.add_argument("--timeout", type=float, default=10.0)
-    transport_options(send)
+    send.add_argument("--endpoint", help="HTTP URL to send to (default http://$HTTP_HOST/QUEUE)")
+    broker_options(send)
     send.set_defaults(run=_cli_send)
 
-    listen = commands.add_parser("listen", help="print each message received as a JSON line",
-                                 usage="%(prog)s [options] [KIND] QUEUE")
+    listen = command("listen", help="print each message received as a JSON line",
+                     usage="%(prog)s [options] [KIND] QUEUE")
     transport_first(listen, "QUEUE")
     listen.add_argument("--count", type=int, default=0, help="exit after this many messages")
     listen.add_argument("--host", help="HTTP: address to listen on")
-    listen.add_argument("--port", type=int, help="HTTP: port to listen on")
-    transport_options(listen)
+    listen.add_argument("--port", type=_cli_port, help="HTTP: port to listen on")
+    broker_options(listen)
     listen.set_defaults(run=_cli_listen)
 
-    run = commands.add_parser("run", help="serve the consumers of MODULE:ATTR until SIGINT/SIGTERM")
+    run = command("run", help="serve the consumers of MODULE:ATTR until SIGINT/SIGTERM")
     run.add_argument("target", metavar="MODULE:ATTR",
                      help="a ConsumerFactory, ConsumerRunner, HandlerFactory or Consumer")
     run.add_argument("--host")
-    run.add_argument("--port", type=int)
+    run.add_argument("--port", type=_cli_port)
     run.set_defaults(run=None)
 
-    bench_cmd = commands.add_parser("bench", help="end-to-end throughput and latency")
-    bench_cmd.add_argument("--transport", default="memory", metavar="KIND")
+    bench_cmd = command("bench", help="end-to-end throughput and latency")
+    bench_cmd.add_argument("--transport", default="memory", metavar="KIND", help=f"one of: {kinds}")
     bench_cmd.add_argument("-n", type=int, default=20000, help="messages (default 20000)")
     bench_cmd.add_argument("--size", type=int, default=100, help="payload bytes (default 100)")
-    bench_cmd.add_argument("--concurrency", type=int, default=50, help="concurrent senders (default 50)")
+    bench_cmd.add_argument("--concurrency", type=int, default=50,
+                           help="messages in flight: senders that each wait for their message (default 50)")
+    bench_cmd.add_argument("--timeout", type=float, help="seconds for the whole run (default 30 + n/100)")
     bench_cmd.add_argument("--json", action="store_true", help="print the result as JSON")
+    broker_options(bench_cmd)
     bench_cmd.set_defaults(run=_cli_bench)
 
-    demo = commands.add_parser("demo", help="two services talking, on the memory transport by default")
-    demo.add_argument("--transport", default="memory", metavar="KIND")
+    demo = command("demo", help="two services talking, on the memory transport by default")
+    demo.add_argument("--transport", default="memory", metavar="KIND", help=f"one of: {kinds} (default memory)")
+    broker_options(demo)
     demo.set_defaults(run=_cli_demo)
     return parser
 
@@ -2569,35 +2629,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``streamtools`` command; returns the exit status."""
     # User code loaded by `run` imports streamtools: give it this module, not a second copy.
     sys.modules.setdefault("streamtools", sys.modules[__name__])
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    if args.verbose:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    args = _build_parser().parse_args(argv)
+    sub: argparse.ArgumentParser = args.parser
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if hasattr(args, "words"):
         words = list(args.words)
         if args.transport is None and len(words) == len(args.word_names) + 1:
             args.transport = words.pop(0)
         if args.transport is None or len(words) != len(args.word_names):
-            parser.error(f"{args.command} takes KIND {' '.join(args.word_names)} (or --transport KIND "
-                         f"{' '.join(args.word_names)}), got {len(args.words)} argument(s)")
+            sub.error(f"takes KIND {' '.join(args.word_names)} (or --transport KIND "
+                      f"{' '.join(args.word_names)}), got {len(args.words)} argument(s)")
         for name, word in zip(args.word_names, words):
             setattr(args, name.lower(), word)
     if hasattr(args, "transport") and args.transport not in PRODUCERS:
-        parser.error(str(UnknownTransport(f"unknown transport {args.transport!r}; choose one of: "
-                                          f"{', '.join(sorted(PRODUCERS.aliases))}")))
+        sub.error(f"unknown transport {args.transport!r}; choose one of: {', '.join(sorted(PRODUCERS.aliases))}")
     for flag, name in (("-n", "n"), ("--concurrency", "concurrency"), ("--size", "size")):
         if getattr(args, name, 1) < (0 if name == "size" else 1):
-            parser.error(f"{flag} must be at least {0 if name == 'size' else 1}")
-    if args.command in ("send", "listen") and PRODUCERS.canonical(args.transport) == MEMORY:
-        parser.error("the memory transport lives inside one process, so a message sent from (or listened "
-                     "for in) this command reaches no other program; use rabbitmq or http, or try "
-                     "`streamtools demo`")
+            sub.error(f"{flag} must be at least {0 if name == 'size' else 1}")
+    if args.command in ("send", "listen") and PRODUCERS[args.transport] is MemoryProducer:
+        sub.error("the memory transport lives inside one process, so a message sent from (or listened "
+                  "for in) this command reaches no other program; use a broker or http, or try "
+                  "`streamtools demo`")
     try:
         if args.command == "run":
             _runner_for(_load(args.target), args.port, args.host).run()
             return 0
         return int(asyncio.run(args.run(args)))
-    except (StreamtoolsError, MissingDependency) as exc:
+    except StreamtoolsError as exc:
         print(f"streamtools: error: {exc}", file=sys.stderr)
         return 1
 

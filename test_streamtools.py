@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import traceback
 import uuid
@@ -97,6 +98,17 @@ async def delete_queues(names: list[str]) -> None:
         channel = await connection.channel()
         for name in names:
             await channel.queue_delete(name)
+
+
+async def broker_queue_names() -> list[str]:
+    """The queues on the test broker, by the management command."""
+    path = shutil.which("rabbitmqctl") or shutil.which("rabbitmqctl", path="/usr/sbin:/usr/lib/rabbitmq/bin")
+    if path is None:
+        pytest.skip("rabbitmqctl is not installed here, so the test cannot list the broker's queues")
+    command = await asyncio.create_subprocess_exec(path, "list_queues", "-q", "name",
+                                                   stdout=asyncio.subprocess.PIPE)
+    out, _ = await command.communicate()
+    return out.decode().split()
 
 
 class Kit:
@@ -538,6 +550,48 @@ class TestContract:
             await asyncio.sleep(0.5)
             assert again == []
 
+    async def test_plain_def_handlers_run_in_threads_not_on_the_loop(self, kit: Kit) -> None:
+        # Four blocking handlers can only meet at the barrier if they run at the same time,
+        # off the event loop; on the loop the first would block the others (and the loop).
+        barrier = threading.Barrier(4, timeout=10)
+        threads: set[int] = set()
+        consumer = kit.consumer(prefetch=4)
+
+        @consumer()
+        def blocking(msg: Any) -> str:
+            threads.add(threading.get_ident())
+            assert current_message().body == msg
+            barrier.wait()
+            time.sleep(0.05)
+            return f"done {msg}"
+
+        await consumer.start()
+        producer = await kit.producer(consumer)
+        replies = await asyncio.gather(*(producer.request(i, timeout=15) for i in range(4)))
+        assert replies == [f"done {i}" for i in range(4)]
+        assert threading.get_ident() not in threads and len(threads) == 4
+
+    def test_a_handler_that_takes_no_message_is_refused(self, kit: Kit) -> None:
+        consumer = kit.consumer()
+        with pytest.raises(streamtools.ConfigError, match="must take the message as its one argument"):
+            @consumer()
+            async def no_message() -> None: ...
+        with pytest.raises(streamtools.ConfigError, match="must take the message"):
+            consumer()(lambda a, b: None)
+        consumer()(lambda msg, *, option=1: None)  # optional extras are fine
+
+    async def test_send_after_close_raises(self, kit: Kit) -> None:
+        consumer = kit.consumer()
+        consumer()(lambda msg: None)
+        await consumer.start()
+        producer = await kit.producer(consumer)
+        await producer.send("before")
+        await producer.close()
+        with pytest.raises(streamtools.SendError, match="is closed"):
+            await producer.send("after")
+        with pytest.raises(streamtools.SendError, match="is closed"):
+            await producer.request("after")
+
 
 class TestBrokerContract:
     """What a transport with a broker in the middle adds: messages wait for a
@@ -673,6 +727,59 @@ class TestBrokerContract:
         assert await producer.request({"m": 1}) == "ok"
         assert service.got == [{"m": 1}]
 
+    async def test_an_abandoned_request_is_not_handled_later(self, broker_kit: Kit) -> None:
+        producer = await broker_kit.producer()
+        with pytest.raises(streamtools.RequestTimeout):
+            await producer.request({"late": True}, timeout=0.3)
+        await asyncio.sleep(0.5)
+        handled: list[Any] = []
+        consumer = broker_kit.consumer()
+        consumer()(handled.append)
+        await consumer.start()
+        await producer.send({"fresh": True})
+        await until(lambda: {"fresh": True} in handled, what="the fresh message")
+        await asyncio.sleep(0.2)
+        assert handled == [{"fresh": True}]
+
+    async def test_float_headers_and_failure_time_survive_exactly(self, broker_kit: Kit) -> None:
+        seen: list[dict[str, Any]] = []
+        dead: list[dict[str, Any]] = []
+        consumer = broker_kit.consumer(max_retries=0)
+
+        @consumer()
+        async def check(msg: Any) -> None:
+            seen.append(current_message().headers)
+            raise ValueError("to the dead letters")
+
+        graveyard = broker_kit.consumer(consumer.dead_letter_queue)
+        graveyard()(lambda msg: dead.append(current_message().headers))
+        await consumer.start()
+        await graveyard.start()
+        producer = await broker_kit.producer(consumer)
+        sent_at = time.time()
+        await producer.send("x", headers={"x-ratio": 0.1 + 0.2, "x-sent-at": sent_at, "x-n": 7})
+        await until(lambda: dead, what="the dead letter")
+        assert seen[0]["x-ratio"] == 0.1 + 0.2 and seen[0]["x-sent-at"] == sent_at and seen[0]["x-n"] == 7
+        failed_at = dead[0]["x-failed-at"]
+        assert isinstance(failed_at, int) and abs(failed_at - sent_at * 1000) < 10_000
+        assert dead[0]["x-sent-at"] == sent_at
+
+    async def test_a_dead_letter_queue_keeps_its_own_failures(self, broker_kit: Kit) -> None:
+        consumer = broker_kit.consumer(f"{broker_kit.queue}.dead", max_retries=0, retry_backoff_max=0.3)
+        assert consumer.dead_letter_queue == consumer.queue_name  # never <q>.dead.dead
+        attempts: list[float] = []
+
+        @consumer()
+        async def still_broken(msg: Any) -> None:
+            attempts.append(time.monotonic())
+            raise ValueError("again")
+
+        await consumer.start()
+        producer = await broker_kit.producer(consumer)
+        await producer.send("poison")
+        await until(lambda: len(attempts) >= 3, what="the message to come back to the same queue")
+        assert attempts[2] - attempts[1] >= 0.25  # after a pause, not in a spin
+
 
 ###############################################################################
 # Import and optional dependencies ############################################
@@ -761,6 +868,80 @@ class TestMemory:
 
 
 class TestRabbitMQ:
+    async def test_concurrent_first_requests_all_get_replies(self, rmq: Kit) -> None:
+        consumer = rmq.consumer()
+        consumer()(lambda msg: msg * 2)
+        await consumer.start()
+        producer = await rmq.producer(consumer)  # fresh: no reply consumer yet
+        assert await asyncio.gather(*(producer.request(i) for i in range(20))) == [i * 2 for i in range(20)]
+
+    async def test_a_wrong_vhost_names_the_vhost(self) -> None:
+        rabbitmq_available()
+        producer = PRODUCERS[RABBITMQ]("q", url="amqp://guest:guest@127.0.0.1:5672/nope", connect_timeout=20)
+        began = time.monotonic()
+        with pytest.raises(streamtools.ConnectionFailed, match="refused vhost 'nope'.*RMQ_VHOST") as info:
+            await producer.a_init()
+        assert "127.0.0.1:5672" in str(info.value) and time.monotonic() - began < 10
+
+    async def test_a_host_that_does_not_resolve_fails_at_once(self) -> None:
+        rabbitmq_available()
+        producer = PRODUCERS[RABBITMQ]("q", url="amqp://guest:s3cret@no-such-host.invalid:5672/")
+        began = time.monotonic()
+        with pytest.raises(streamtools.ConnectionFailed, match="'no-such-host.invalid' does not resolve") as info:
+            await producer.a_init()
+        assert time.monotonic() - began < 10 and "s3cret" not in str(info.value)
+
+    async def test_a_request_expires_in_the_broker(self, rmq: Kit) -> None:
+        producer = await rmq.producer()
+        with pytest.raises(streamtools.RequestTimeout):
+            await producer.request("nobody home", timeout=0.2)
+        await asyncio.sleep(0.4)
+        import aio_pika
+        connection = await aio_pika.connect(RMQ_URL)
+        async with connection:
+            queue = await (await connection.channel()).declare_queue(rmq.queue, passive=True)
+            assert queue.declaration_result.message_count == 0
+
+    async def test_dead_letter_queue_is_declared_only_when_needed(self, rmq: Kit) -> None:
+        import aio_pika
+        consumer = rmq.consumer(max_retries=0)
+        consumer()(lambda msg: 1 / 0 if msg == "bad" else None)
+        await consumer.start()
+
+        async def exists(name: str) -> bool:
+            connection = await aio_pika.connect(RMQ_URL)
+            async with connection:
+                try:
+                    await (await connection.channel()).declare_queue(name, passive=True)
+                except aio_pika.exceptions.ChannelNotFoundEntity:
+                    return False
+                return True
+
+        producer = await rmq.producer(consumer)
+        await producer.send("good")
+        await asyncio.sleep(0.3)
+        assert not await exists(consumer.dead_letter_queue)
+        await producer.send("bad")
+        await asyncio.sleep(0.5)
+        assert await exists(consumer.dead_letter_queue)
+
+    async def test_the_library_is_silent_when_the_app_configured_no_logging(self) -> None:
+        rabbitmq_available()
+        port = free_port()  # nothing listens there
+        result = run_python(f"""
+            import asyncio, streamtools
+            async def main():
+                producer = streamtools.PRODUCERS["rabbitmq"]("q", url="amqp://guest:guest@127.0.0.1:{port}/",
+                                                             connect_timeout=1.5)
+                try:
+                    await producer.a_init()
+                except streamtools.ConnectionFailed as exc:
+                    print("ConnectionFailed")
+            asyncio.run(main())
+        """)
+        assert result.stdout.strip() == "ConnectionFailed"
+        assert result.stderr == ""
+
     async def test_settings_from_environment(self, rmq: Kit, monkeypatch: pytest.MonkeyPatch) -> None:
         for name, value in {"RMQ_HOST": "127.0.0.1", "RMQ_PORT": "5672", "RMQ_USER": "guest",
                             "RMQ_PASS": "guest", "RMQ_VHOST": "/"}.items():
@@ -805,6 +986,7 @@ class TestRabbitMQ:
         with pytest.raises(streamtools.Unroutable, match=rmq.queue):
             await producer.send("nobody home")
 
+    @pytest.mark.disturbs_broker
     async def test_a_message_the_broker_refuses_is_an_error(self, rmq: Kit) -> None:
         queue = f"st-reject-{uuid.uuid4().hex[:8]}"
         rmq.queues.add(queue)
@@ -852,6 +1034,7 @@ class TestRabbitMQ:
             await until(lambda: len(got) == 3, what="3 messages")
         assert sorted(got) == [(name, name) for name in names]
 
+    @pytest.mark.disturbs_broker
     async def test_broker_closing_connections_mid_stream_loses_nothing(self, rmq: Kit) -> None:
         received: set[int] = set()
         consumer = rmq.consumer(prefetch=50, url=RMQ_URL + "%2F")  # another URL: its own connection
@@ -880,6 +1063,7 @@ class TestRabbitMQ:
         assert not failed, failed[:3]  # it reconnected within the send timeout
         assert received >= set(range(3000))
 
+    @pytest.mark.disturbs_broker
     async def test_request_reply_survives_a_dropped_connection(self, rmq: Kit) -> None:
         consumer = rmq.consumer()
 
@@ -899,6 +1083,7 @@ class TestRabbitMQ:
             except (streamtools.RequestTimeout, streamtools.SendError):
                 assert time.monotonic() < deadline, "request/reply never came back after the reconnection"
 
+    @pytest.mark.disturbs_broker
     async def test_nothing_hangs_while_the_broker_is_down(self, rmq: Kit) -> None:
         got: list[Any] = []
         consumer = rmq.consumer()
@@ -991,6 +1176,48 @@ class TestRabbitMQ:
 
 
 class TestHTTP:
+    async def test_send_is_bounded_by_its_timeout(self, http: Kit) -> None:
+        async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(65536)
+            await asyncio.sleep(60)
+
+        server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            producer = await http.producer("q", endpoint=f"http://127.0.0.1:{port}/q", timeout=0.5)
+            began = time.monotonic()
+            with pytest.raises(streamtools.SendError, match="no answer within 0.5s"):
+                await producer.send("anyone?")
+            with pytest.raises(streamtools.SendError, match="no answer within 0.2s"):
+                await producer.send("anyone?", timeout=0.2)
+            assert time.monotonic() - began < 3
+        finally:
+            server.close()
+        with pytest.raises(streamtools.ConfigError, match="timeout must be at least"):
+            await producer.send("x", timeout=0)
+
+    async def test_a_handler_slower_than_the_timeout_is_not_a_success(self, http: Kit) -> None:
+        consumer = http.consumer()
+
+        @consumer()
+        async def slow(msg: Any) -> str:
+            await asyncio.sleep(1.5)
+            return "late"
+
+        await consumer.start()
+        producer = await http.producer(consumer, timeout=0.3)
+        with pytest.raises(streamtools.SendError, match="no answer within 0.3s"):
+            await producer.send("hurry")
+
+    def test_ports_out_of_range_are_config_errors(self) -> None:
+        pytest.importorskip("aiohttp")
+        for port in (70000, -1, "http"):
+            with pytest.raises(streamtools.ConfigError, match="port must be"):
+                CONSUMER_LOOPS[HTTP]("q", port=port)
+        result = cli("listen", "http", "q", "--port", "99999")
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "port must be from 0 to 65535" in result.stderr
+
     async def test_statuses(self, http: Kit) -> None:
         import aiohttp
         calls: list[Any] = []
@@ -1371,6 +1598,41 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 class TestCLI:
+    async def test_bench_runs_side_by_side_and_cleans_up(self) -> None:
+        rabbitmq_available()
+        one, two = await asyncio.gather(streamtools.bench(RABBITMQ, n=300, concurrency=10, url=RMQ_URL),
+                                        streamtools.bench(RABBITMQ, n=300, concurrency=10, url=RMQ_URL))
+        assert one["n"] == two["n"] == 300 and one["msgs_per_sec"] > 0 and two["p99_ms"] >= two["p50_ms"]
+        assert not [q for q in await broker_queue_names() if q.startswith("streamtools-bench-")]
+
+    async def test_bench_reports_missing_messages_at_its_timeout(self) -> None:
+        with pytest.raises(streamtools.StreamtoolsError, match=r"timed out after 0.05s: \d+ of 1000000 messages"):
+            await streamtools.bench(MEMORY, n=1_000_000, timeout=0.05)
+
+    async def test_bench_latency_is_per_message_not_the_backlog(self) -> None:
+        small = await streamtools.bench(MEMORY, n=1000, concurrency=10)
+        large = await streamtools.bench(MEMORY, n=20000, concurrency=10)
+        # Senders wait for their message: a longer run does not queue up a backlog.
+        assert large["p50_ms"] < 5 * max(small["p50_ms"], 0.05)
+
+    async def test_demo_leaves_no_queues_behind(self) -> None:
+        rabbitmq_available()
+        assert await asyncio.to_thread(streamtools.main, ["demo", "--transport", "rabbitmq"]) == 0
+        assert not [q for q in await broker_queue_names() if q.startswith("streamtools-demo.")]
+
+    def test_logging_flags_go_anywhere(self) -> None:
+        quiet = cli("demo", "-q")
+        assert quiet.returncode == 0 and "INFO" not in quiet.stderr and "demo finished" in quiet.stdout
+        loud = cli("-v", "demo")
+        assert loud.returncode == 0 and "streamtools INFO consuming" in loud.stderr
+        default = cli("demo")
+        assert "INFO" in default.stderr and "DEBUG" not in default.stderr
+
+    def test_help_lists_what_each_command_takes(self) -> None:
+        listen = cli("listen", "--help").stdout
+        assert "--endpoint" not in listen and "--port" in listen and "--connect-timeout" in listen
+        assert "rabbitmq" in cli("demo", "--help").stdout
+
     def test_demo(self, capsys: pytest.CaptureFixture[str]) -> None:
         assert streamtools.main(["demo"]) == 0
         out = capsys.readouterr().out
@@ -1407,10 +1669,12 @@ class TestCLI:
         assert "choose one of" in capsys.readouterr().err
         with pytest.raises(SystemExit):
             streamtools.main(["send", "rabbitmq", "q"])
-        assert "send takes KIND QUEUE MESSAGE (or --transport KIND QUEUE MESSAGE)" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err.startswith("usage: streamtools send [options] [KIND] QUEUE MESSAGE")
+        assert "streamtools send: error: takes KIND QUEUE MESSAGE (or --transport KIND QUEUE MESSAGE)" in err
         with pytest.raises(SystemExit):
             streamtools.main(["listen", "--transport", "rabbitmq", "q", "extra"])
-        assert "listen takes KIND QUEUE" in capsys.readouterr().err
+        assert "streamtools listen: error: takes KIND QUEUE" in capsys.readouterr().err
         with pytest.raises(SystemExit):
             streamtools.main(["bench", "-n", "0"])
         assert "-n must be at least 1" in capsys.readouterr().err
@@ -1425,7 +1689,11 @@ class TestCLI:
             "--count", "2",
             env=child_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         assert listener.stderr is not None
-        assert b"listening" in await asyncio.wait_for(listener.stderr.readline(), 30)
+        while True:  # INFO log lines come first
+            line = await asyncio.wait_for(listener.stderr.readline(), 30)
+            assert line, "the listener exited"
+            if b"listening" in line:
+                break
         for message in ('{"a": 1}', "plain words"):
             sender = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "streamtools", "send", "rmq", rmq.queue, message, "--url", RMQ_URL,
