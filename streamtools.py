@@ -80,6 +80,7 @@ import abc
 import argparse
 import asyncio
 import base64
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -548,6 +549,8 @@ class _Endpoint(abc.ABC):
     #: True where a broker stores messages between producer and consumer
     #: (a message waits for a consumer; retries and dead letters apply).
     brokered: ClassVar[bool] = True
+    #: True where messages never leave the process (the memory transport).
+    in_process: ClassVar[bool] = False
 
     def __init__(self, queue_name: str, **options: Any) -> None:
         self.queue_name = _check_queue_name(queue_name)
@@ -787,7 +790,7 @@ class Consumer(_Endpoint):
         self.dead_letter_queue = queue_name if queue_name.endswith(".dead") else f"{queue_name}.dead"
         self._handlers: dict[str, tuple[Callable[..., Any], _Handler]] = {}
         self._active: set[asyncio.Task[Any]] = set()
-        self._slots: asyncio.Semaphore | None = None
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._running = False
         self._stopping = False
 
@@ -834,7 +837,6 @@ class Consumer(_Endpoint):
             raise ConfigError(f"no handler for queue {self.queue_name!r}: decorate one with @consumer()")
         await self.a_init()
         self._stopping = False
-        self._slots = asyncio.Semaphore(self.prefetch)
         await self._start_intake()
         self._running = True
         log.info("consuming %r on %s", self.queue_name, self.transport)
@@ -868,71 +870,86 @@ class Consumer(_Endpoint):
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.stop()
 
-    async def _run_handler(self, message: Message, key: str = "") -> Any:
-        """Run the handler on a decoded message as ``current_message()``."""
-        token = _current.set(message)
-        try:
-            return await self._handlers[key][1](message.body)
-        finally:
-            _current.reset(token)
-
     async def _deliver(self, message: Message, key: str = "", decoded: bool = False) -> None:
         """The delivery contract, for one message a transport received:
         within the concurrency bound, decode (unless ``decoded``), run the
-        handler, then reply and acknowledge; on failure retry after a
-        backoff, then dead-letter."""
+        handler as ``current_message()``, then reply and acknowledge; on
+        failure retry after a backoff, then dead-letter."""
         task = asyncio.current_task()
-        assert task is not None and self._slots is not None
-        self._active.add(task)
+        assert task is not None
+        active = self._active  # the messages in flight: their count is the prefetch bound
+        if len(active) >= self.prefetch:
+            await self._free_slot()
+        active.add(task)
         settled = False
         try:
-            async with self._slots:
-                expires = message.headers.get(_EXPIRES)
-                if (expires is not None and message.reply_to is not None and isinstance(expires, int)
-                        and time.time() * 1000 > expires):
+            headers = message.headers
+            if _EXPIRES in headers and message.reply_to is not None:
+                expires = headers[_EXPIRES]
+                if isinstance(expires, int) and time.time() * 1000 > expires:
                     log.debug("dropping request %s of %r: its requester stopped waiting", message.id, self.queue_name)
                     settled = True
                     await self._ack(message)
                     return
-                if not decoded:
-                    try:
-                        message.body = decode(message.data, message.content_type)
-                    except DecodeError as exc:  # no retry can fix a poison message
+            if not decoded:
+                try:
+                    message.body = decode(message.data, message.content_type)
+                except DecodeError as exc:  # no retry can fix a poison message
+                    settled = True
+                    # Dead-letter it as opaque bytes, so the dead-letter queue stays readable.
+                    message.headers = {**headers, "x-original-content-type": message.content_type}
+                    message.content_type = BINARY
+                    await self._give_up(message, exc)
+                    return
+            handler = self._handlers[key][1]
+            while True:
+                token = _current.set(message)
+                try:
+                    result = await handler(message.body)
+                except Exception as exc:
+                    if message.attempt > self.max_retries:
                         settled = True
-                        # Dead-letter it as opaque bytes, so the dead-letter queue stays readable.
-                        message.headers = {**message.headers, "x-original-content-type": message.content_type}
-                        message.content_type = BINARY
                         await self._give_up(message, exc)
                         return
-                while True:
-                    try:
-                        result = await self._run_handler(message, key)
-                    except Exception as exc:
-                        if message.attempt > self.max_retries:
-                            settled = True
-                            await self._give_up(message, exc)
-                            return
-                        delay = _backoff(message.attempt, self.retry_backoff, self.retry_backoff_max)
-                        log.warning("handler of %r failed on message %s (attempt %d of %d), retrying in %.2fs: %r",
-                                    self.queue_name, message.id, message.attempt, self.max_retries + 1, delay, exc)
-                        log.debug("the handler's traceback", exc_info=exc)
-                        if await self._retry_later(message, delay):
-                            settled = True  # the broker holds it for the backoff; the slot is free
-                            return
-                        await asyncio.sleep(delay)
-                        message.attempt += 1
-                        continue
-                    settled = True
-                    if message.reply_to is not None:
-                        await self._reply(message, result, None)
-                    await self._ack(message)
-                    return
+                    delay = _backoff(message.attempt, self.retry_backoff, self.retry_backoff_max)
+                    log.warning("handler of %r failed on message %s (attempt %d of %d), retrying in %.2fs: %r",
+                                self.queue_name, message.id, message.attempt, self.max_retries + 1, delay, exc)
+                    log.debug("the handler's traceback", exc_info=exc)
+                    if await self._retry_later(message, delay):
+                        settled = True  # the broker holds it for the backoff; the slot is free
+                        return
+                    await asyncio.sleep(delay)
+                    message.attempt += 1
+                    continue
+                finally:
+                    _current.reset(token)
+                settled = True
+                if message.reply_to is not None:
+                    await self._reply(message, result, None)
+                await self._ack(message)
+                return
         except asyncio.CancelledError:
             if not settled:  # the drain timed out: hand the message back
                 await self._requeue(message)
             raise
         finally:
-            self._active.discard(task)
+            active.discard(task)
+            if self._slot_waiters:
+                waiter = self._slot_waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _free_slot(self) -> None:
+        """Wait until fewer than ``prefetch`` messages are in flight (transports
+        whose intake is not bounded by the broker, such as HTTP, get here)."""
+        while len(self._active) >= self.prefetch:
+            waiter = asyncio.get_running_loop().create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._slot_waiters:
+                    self._slot_waiters.remove(waiter)
 
     async def _give_up(self, message: Message, exc: Exception) -> None:
         error = f"{type(exc).__name__}: {exc}"[:1000]
@@ -1036,6 +1053,8 @@ class MemoryProducer(Producer):
     """Sends to the in-process broker of the running event loop. A message
     sent before any consumer exists waits in its queue."""
 
+    in_process = True
+
     async def _connect(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._broker = _memory_broker()
@@ -1059,6 +1078,8 @@ class MemoryProducer(Producer):
 class MemoryConsumer(Consumer):
     """Consumes a queue of the in-process broker with ``prefetch`` workers."""
 
+    in_process = True
+
     async def _connect(self) -> None:
         self._broker = _memory_broker()
         self._queue = self._broker.queue(self.queue_name)
@@ -1073,12 +1094,9 @@ class MemoryConsumer(Consumer):
     async def _work(self) -> None:
         queue = self._queue
         while not self._stopping:
-            received = await queue.get()
-            # A copy per delivery: the producer's object is not the handler's.
-            await self._deliver(Message(data=received.data, content_type=received.content_type,
-                                        headers=received.headers, id=received.id, queue=self.queue_name,
-                                        correlation_id=received.correlation_id, reply_to=received.reply_to,
-                                        attempt=received.attempt, redelivered=received.redelivered))
+            # The enqueued Message is delivered as it is: its producer is done with it, and
+            # _deliver decodes a fresh body from its bytes.
+            await self._deliver(await queue.get())
 
     async def _stop_intake(self) -> None:
         idle = [worker for worker in self._workers if worker not in self._active]
@@ -1855,9 +1873,8 @@ class HTTPConsumer(Consumer):
         if method not in self._handlers:
             return _json_error(405, f"{method} is not allowed on /{self.queue_name}",
                                Allow=", ".join(sorted(self._handlers)))
-        if self._slots is None:  # mounted on a user's application without start()
+        if not self._ready:  # mounted on a user's application without start()
             await self.a_init()
-            self._slots = asyncio.Semaphore(self.prefetch)
         headers = request.headers
         if method in _BODYLESS:
             data, ctype, body = b"", "", dict(request.query)
@@ -2647,7 +2664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, name in (("-n", "n"), ("--concurrency", "concurrency"), ("--size", "size")):
         if getattr(args, name, 1) < (0 if name == "size" else 1):
             sub.error(f"{flag} must be at least {0 if name == 'size' else 1}")
-    if args.command in ("send", "listen") and PRODUCERS[args.transport] is MemoryProducer:
+    if args.command in ("send", "listen") and PRODUCERS[args.transport].in_process:
         sub.error("the memory transport lives inside one process, so a message sent from (or listened "
                   "for in) this command reaches no other program; use a broker or http, or try "
                   "`streamtools demo`")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -37,9 +38,39 @@ from streamtools import (
 
 HERE = Path(__file__).resolve().parent
 RMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
-#: Transports with a broker between producer and consumer (acks, retries, dead letters).
-BROKERS = [MEMORY, RABBITMQ]
+def readme_transport() -> dict[str, Any]:
+    """The complete small transport of the README's "your own transport"
+    section, registered as it is written there (its demo left out)."""
+    text = (HERE / "README.md").read_text()
+    section = text[text.index("## Registries and your own transport"):]
+    code = section[section.index("```python\n") + 10:section.index("```\n", section.index("```python"))]
+    namespace: dict[str, Any] = {}
+    exec(compile(code[:code.index("\nasync def main")], "README.md", "exec"), namespace)
+    return namespace
+
+
+# Registered like any user's transport, so the contract suite runs on it too.
+TINY = readme_transport()
+
+#: Every registered transport, and those with a broker between producer and consumer
+#: (messages wait, retries, dead letters): the contract tests run on them.
 ALL = list(PRODUCERS)
+BROKERS = [kind for kind in ALL if CONSUMER_LOOPS[kind].brokered]
+
+
+@dataclasses.dataclass
+class Server:
+    """How the tests reach one transport's server: the only per-transport
+    knowledge the contract tests need; everything else comes from the registry."""
+
+    name: str
+    port: int
+    options: dict[str, Any]
+    hint: str
+
+
+#: Transports whose tests need a server; a transport not listed needs none.
+SERVERS = {RABBITMQ: Server("RabbitMQ", 5672, {"url": RMQ_URL}, "rabbitmq-server -detached")}
 
 
 ###############################################################################
@@ -47,15 +78,27 @@ ALL = list(PRODUCERS)
 ###############################################################################
 
 
-def rabbitmq_available() -> None:
-    """Skip (or fail under STREAMTOOLS_REQUIRE_BROKER=1) without a broker."""
-    pytest.importorskip("aio_pika")
+def require(kind: str) -> dict[str, Any]:
+    """Skip (or fail under STREAMTOOLS_REQUIRE_BROKER=1) when the transport's
+    client or server is missing; return the options that reach its server."""
+    client = CONSUMER_LOOPS[kind].client
+    if client is not None:
+        pytest.importorskip(client[0])
+    server = SERVERS.get(PRODUCERS.canonical(kind))
+    if server is None:
+        return {}
     try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
+        socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
     except OSError as exc:
         if os.environ.get("STREAMTOOLS_REQUIRE_BROKER") == "1":
-            pytest.fail(f"RabbitMQ is not answering on 127.0.0.1:5672 ({exc}) and STREAMTOOLS_REQUIRE_BROKER=1")
-        pytest.skip("RabbitMQ is not answering on 127.0.0.1:5672 (start it: rabbitmq-server -detached)")
+            pytest.fail(f"{server.name} is not answering on 127.0.0.1:{server.port} ({exc}) "
+                        "and STREAMTOOLS_REQUIRE_BROKER=1")
+        pytest.skip(f"{server.name} is not answering on 127.0.0.1:{server.port} (start it: {server.hint})")
+    return dict(server.options)
+
+
+def rabbitmq_available() -> None:
+    require(RABBITMQ)
 
 
 def free_port() -> int:
@@ -113,38 +156,38 @@ async def broker_queue_names() -> list[str]:
 
 class Kit:
     """Builds consumers and producers of one transport, wired to each other,
-    and cleans them up (RabbitMQ queues included)."""
+    and cleans them up (queues on a broker included). What it knows of a
+    transport comes from its classes and :data:`SERVERS`."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
+        self.server_options = require(kind)
+        self.brokered = CONSUMER_LOOPS[kind].brokered
         self.queue = f"st-test-{uuid.uuid4().hex[:10]}"
         self.queues: set[str] = set()
         self.consumers: list[streamtools.Consumer] = []
         self.producers: list[streamtools.Producer] = []
 
-    @property
-    def brokered(self) -> bool:
-        return self.kind in BROKERS
-
     def options(self) -> dict[str, Any]:
-        return {"url": RMQ_URL} if self.kind == RABBITMQ else {}
+        return dict(self.server_options)
 
     def consumer(self, queue: str | None = None, **options: Any) -> streamtools.Consumer:
         queue = queue or self.queue
-        self.queues.update((queue, f"{queue}.dead"))
-        if self.kind == HTTP:
+        self.queues.add(queue)
+        cls = CONSUMER_LOOPS[self.kind]
+        if cls.listens:
             options.setdefault("host", "127.0.0.1")
             options.setdefault("port", 0)
-        consumer = CONSUMER_LOOPS[self.kind](queue, **{**self.options(), **options})
+        consumer = cls(queue, **{**self.options(), **options})
         self.consumers.append(consumer)
         return consumer
 
     async def producer(self, target: streamtools.Consumer | str | None = None, **options: Any) -> streamtools.Producer:
-        if isinstance(target, streamtools.HTTPConsumer):
-            options.setdefault("endpoint", target.url)
+        if isinstance(target, streamtools.Consumer):
+            options = {**target._producer_options(), **options}  # how this transport reaches that consumer
             queue = target.queue_name
         else:
-            queue = target.queue_name if isinstance(target, streamtools.Consumer) else (target or self.queue)
+            queue = target or self.queue
         self.queues.add(queue)
         producer = PRODUCERS[self.kind](queue, **{**self.options(), **options})
         self.producers.append(producer)
@@ -156,16 +199,13 @@ class Kit:
             await consumer.stop(timeout=1)
         for producer in self.producers:
             await producer.close()
-        if self.kind == RABBITMQ:
-            await delete_queues(sorted(self.queues))
+        if self.brokered:
+            for queue in sorted(self.queues):
+                await CONSUMER_LOOPS[self.kind](queue, **self.options()).delete_queues()
 
 
 @pytest.fixture(params=ALL)
 async def kit(request: pytest.FixtureRequest) -> Any:
-    if request.param == RABBITMQ:
-        rabbitmq_available()
-    if request.param == HTTP:
-        pytest.importorskip("aiohttp")
     kit = Kit(request.param)
     yield kit
     await kit.close()
@@ -173,8 +213,6 @@ async def kit(request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture(params=BROKERS)
 async def broker_kit(request: pytest.FixtureRequest) -> Any:
-    if request.param == RABBITMQ:
-        rabbitmq_available()
     kit = Kit(request.param)
     yield kit
     await kit.close()
@@ -182,7 +220,6 @@ async def broker_kit(request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture
 async def rmq() -> Any:
-    rabbitmq_available()
     kit = Kit(RABBITMQ)
     yield kit
     await kit.close()
@@ -190,7 +227,6 @@ async def rmq() -> Any:
 
 @pytest.fixture
 async def http() -> Any:
-    pytest.importorskip("aiohttp")
     kit = Kit(HTTP)
     yield kit
     await kit.close()
@@ -300,7 +336,9 @@ class TestConfigErrors:
     @pytest.mark.parametrize("kind", ALL)
     @pytest.mark.parametrize("name", ["", "  ", None, 42, "has space"])
     def test_bad_queue_name(self, kind: str, name: Any) -> None:
-        pytest.importorskip("aio_pika" if kind == RABBITMQ else "aiohttp" if kind == HTTP else "json")
+        client = CONSUMER_LOOPS[kind].client
+        if client is not None:
+            pytest.importorskip(client[0])
         with pytest.raises(streamtools.ConfigError, match="queue name"):
             PRODUCERS[kind](name)
         with pytest.raises(streamtools.ConfigError, match="queue name"):
@@ -781,6 +819,43 @@ class TestBrokerContract:
         assert attempts[2] - attempts[1] >= 0.25  # after a pause, not in a spin
 
 
+    async def test_killed_consumer_process_loses_nothing(self, broker_kit: Kit, tmp_path: Path) -> None:
+        if PRODUCERS[broker_kit.kind].in_process:
+            pytest.skip("an in-process broker dies with its process: there is nothing to redeliver")
+        log_file = tmp_path / "seen.txt"
+        script = f"""
+            import asyncio, streamtools
+            async def main():
+                consumer = streamtools.CONSUMERS[{broker_kit.kind!r}](
+                    {broker_kit.queue!r}, prefetch=20, **{broker_kit.options()!r})
+                out = open({str(log_file)!r}, "a")
+                @consumer()
+                async def handle(msg):
+                    await asyncio.sleep(0.002)
+                    out.write(f"{{msg}}\\n"); out.flush()
+                async with consumer:
+                    await asyncio.Event().wait()
+            asyncio.run(main())
+        """
+        producer = await broker_kit.producer()
+        for start in range(0, 1000, 100):
+            await asyncio.gather(*(producer.send(i) for i in range(start, start + 100)))
+
+        def seen() -> set[int]:
+            return {int(line) for line in log_file.read_text().split()} if log_file.exists() else set()
+
+        child = await spawn(script, tmp_path)
+        await until(lambda: len(seen()) > 200, timeout=30, what="the child to consume")
+        child.kill()  # SIGKILL: no cleanup, unacknowledged messages return to the queue
+        await child.wait()
+        assert len(seen()) < 1000, "the child finished before it was killed; the test proves nothing"
+        child = await spawn(script, tmp_path)
+        try:
+            await until(lambda: seen() == set(range(1000)), timeout=90, what="every id after the restart")
+        finally:
+            child.kill()
+            await child.wait()
+
 ###############################################################################
 # Import and optional dependencies ############################################
 ###############################################################################
@@ -1106,40 +1181,6 @@ class TestRabbitMQ:
         await producer.send("after the restart", timeout=30)  # the producer reconnected by itself
         await consumer.start()
         await until(lambda: "after the restart" in got, timeout=30, what="the message sent after the restart")
-
-    async def test_killed_consumer_process_loses_nothing(self, rmq: Kit, tmp_path: Path) -> None:
-        log_file = tmp_path / "seen.txt"
-        script = f"""
-            import asyncio, streamtools
-            async def main():
-                consumer = streamtools.CONSUMERS["rabbitmq"]({rmq.queue!r}, url={RMQ_URL!r}, prefetch=20)
-                out = open({str(log_file)!r}, "a")
-                @consumer()
-                async def handle(msg):
-                    await asyncio.sleep(0.002)
-                    out.write(f"{{msg}}\\n"); out.flush()
-                async with consumer:
-                    await asyncio.Event().wait()
-            asyncio.run(main())
-        """
-        producer = await rmq.producer()
-        for start in range(0, 1000, 100):
-            await asyncio.gather(*(producer.send(i) for i in range(start, start + 100)))
-
-        def seen() -> set[int]:
-            return {int(line) for line in log_file.read_text().split()} if log_file.exists() else set()
-
-        child = await spawn(script, tmp_path)
-        await until(lambda: len(seen()) > 200, timeout=30, what="the child to consume")
-        child.kill()  # SIGKILL: no cleanup, unacknowledged messages return to the queue
-        await child.wait()
-        assert len(seen()) < 1000, "the child finished before it was killed; the test proves nothing"
-        child = await spawn(script, tmp_path)
-        try:
-            await until(lambda: seen() == set(range(1000)), timeout=60, what="every id after the restart")
-        finally:
-            child.kill()
-            await child.wait()
 
     async def test_sigterm_drains_in_flight_messages(self, rmq: Kit, tmp_path: Path) -> None:
         started, done = tmp_path / "started.txt", tmp_path / "done.txt"
@@ -1638,22 +1679,17 @@ class TestCLI:
         out = capsys.readouterr().out
         assert "order 3 confirmed, total 2.50" in out and "demo finished" in out
 
-    @pytest.mark.parametrize("kind", ["rabbitmq", "http"])
+    @pytest.mark.parametrize("kind", [kind for kind in ALL if not PRODUCERS[kind].in_process])
     def test_demo_on_other_transports(self, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
-        if kind == "rabbitmq":
-            rabbitmq_available()
-        else:
-            pytest.importorskip("aiohttp")
-        assert streamtools.main(["demo", "--transport", kind]) == 0
+        url = require(kind).get("url")
+        assert streamtools.main(["demo", "--transport", kind, *(["--url", url] if url else [])]) == 0
         assert "demo finished" in capsys.readouterr().out
 
     @pytest.mark.parametrize("kind", ALL)
     def test_bench_json(self, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
-        if kind == RABBITMQ:
-            rabbitmq_available()
-        elif kind == HTTP:
-            pytest.importorskip("aiohttp")
-        assert streamtools.main(["bench", "--transport", kind, "-n", "500", "--concurrency", "10", "--json"]) == 0
+        url = require(kind).get("url")
+        assert streamtools.main(["bench", "--transport", kind, "-n", "500", "--concurrency", "10", "--json",
+                                 *(["--url", url] if url else [])]) == 0
         captured = capsys.readouterr()
         result = json.loads(captured.out)
         assert result["n"] == 500 and result["transport"] == PRODUCERS.canonical(kind)
