@@ -31,6 +31,8 @@ from __future__ import annotations
 __version__ = "1.0.0"
 __all__ = [
     "ASYNCIO",
+    "AsyncIOConsumerLoop",
+    "AsyncIOProducer",
     "BINARY",
     "CONSUMERS",
     "CONSUMER_LOOPS",
@@ -44,11 +46,13 @@ __all__ = [
     "HEADERS_TAGS",
     "HTTP",
     "HTTPConsumer",
+    "HTTPConsumerLoop",
     "HTTPError",
     "HTTPProducer",
     "HandleMsgs",
     "HandlerFactory",
     "JSON",
+    "KAFKA",
     "MEMORY",
     "MemoryConsumer",
     "MemoryProducer",
@@ -57,6 +61,8 @@ __all__ = [
     "PRODUCERS",
     "Producer",
     "RABBITMQ",
+    "RMQIOConsumerLoop",
+    "RMQIOProducer",
     "RabbitMQConsumer",
     "RabbitMQProducer",
     "RemoteError",
@@ -73,6 +79,7 @@ __all__ = [
     "decode",
     "encode",
     "main",
+    "prepare_aiohttp_app",
     "register_transport",
 ]
 
@@ -84,6 +91,7 @@ import collections
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import hmac
 import importlib
 import inspect
@@ -136,6 +144,7 @@ _T = TypeVar("_T")
 MEMORY = ASYNCIO = "AsyncIOHandler"
 RABBITMQ = "RMQIOHandler"
 HTTP = "HTTPHandler"
+KAFKA = "KafkaHandler"
 
 #: Content types a body is encoded with.
 JSON = "application/json"
@@ -291,8 +300,8 @@ def encode(body: Any, content_type: str | None = None) -> tuple[bytes, str]:
 
     Without ``content_type``: ``bytes`` travel as ``application/octet-stream``,
     ``str`` as UTF-8 text, any other JSON value as ``application/json``. A
-    JSON-like ``content_type`` JSON-encodes the body (``bytes`` are taken as
-    already encoded).
+    JSON-like ``content_type`` JSON-encodes the body (``bytes``, and a ``str``
+    that is valid JSON text, are taken as already encoded).
 
     :raises EncodeError: the body does not fit the content type.
     """
@@ -307,6 +316,8 @@ def encode(body: Any, content_type: str | None = None) -> tuple[bytes, str]:
     if _is_json_type(content_type):
         if isinstance(body, (bytes, bytearray, memoryview)):
             return bytes(body), content_type
+        if isinstance(body, str) and _is_json_text(body):  # json.dumps(...) already: never encoded twice
+            return body.encode(), content_type
         return _to_json(body), content_type
     if isinstance(body, (bytes, bytearray, memoryview)):
         return bytes(body), content_type
@@ -321,6 +332,14 @@ def _to_json(body: Any) -> bytes:
     except (TypeError, ValueError, RecursionError) as exc:
         raise EncodeError(
             f"cannot encode {type(body).__name__} as JSON ({exc}); send a JSON value, str or bytes") from exc
+
+
+def _is_json_text(text: str) -> bool:
+    try:
+        _json_decode(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _charset(content_type: str) -> str:
@@ -552,8 +571,17 @@ class _Endpoint(abc.ABC):
     #: True where messages never leave the process (the memory transport).
     in_process: ClassVar[bool] = False
 
-    def __init__(self, queue_name: str, **options: Any) -> None:
-        self.queue_name = _check_queue_name(queue_name)
+    def __init__(self, queue_name: str = "", queues_labels: Mapping[str, Any] | None = None,
+                 **options: Any) -> None:
+        if queues_labels is not None:  # legacy: {label: {"queue": wire_name, ...}}
+            if not isinstance(queues_labels, Mapping):
+                raise ConfigError(f"queues_labels must be a dict of {{label: {{'queue': name}}}}, "
+                                  f"got {type(queues_labels).__name__}")
+            label = queues_labels.get(queue_name)
+            if isinstance(label, Mapping) and label.get("queue"):
+                queue_name = label["queue"]
+        self.queue_name = self._check_name(queue_name)
+        self.agent_keys: dict[str, str] = {}
         self._ready = False
         self._init_lock: asyncio.Lock | None = None  # made in a_init: no event loop is needed before
         try:
@@ -566,6 +594,16 @@ class _Endpoint(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.queue_name!r}>"
+
+    def _check_name(self, queue_name: Any) -> str:
+        return _check_queue_name(queue_name)
+
+    def add_agent_uuid(self, **keys: str) -> None:
+        """Legacy: take the agent's ids, by transport type (``RabbitMQ=...``,
+        ``HTTP=...``). RabbitMQ suffixes its queue name with the first five
+        characters of its id, as the legacy library did; call it before
+        ``a_init()``."""
+        self.agent_keys.update(keys)
 
     def _setup(self) -> None:
         """Take the transport's own options (keyword parameters with defaults)."""
@@ -611,8 +649,9 @@ class Producer(_Endpoint):
     #: Per-message flags ``send`` takes on this transport (others' are ignored).
     send_flags: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, queue_name: str, **options: Any) -> None:
-        super().__init__(queue_name, **options)
+    def __init__(self, queue_name: str = "", queues_labels: Mapping[str, Any] | None = None,
+                 **options: Any) -> None:
+        super().__init__(queue_name, queues_labels, **options)
         self._replies: dict[str, _ReplyFuture] = {}
         self._closed = False
 
@@ -628,7 +667,7 @@ class Producer(_Endpoint):
             raise SendError(f"{self!r} is closed; create a new producer to send again")
         await self.a_init()
 
-    async def send(self, msg: Any, *, headers_tag: str | None = None, header_tag: str | None = None,
+    async def send(self, msg: Any, *legacy: Any, headers_tag: str | None = None, header_tag: str | None = None,
                    content_type: str | None = None, headers: Mapping[str, Any] | None = None,
                    message_id: str | None = None, timeout: float | None = None,
                    **flags: Any) -> Any:
@@ -640,9 +679,17 @@ class Producer(_Endpoint):
         :param content_type: an explicit content type; wins over ``headers_tag``.
         :param headers: extra headers carried with the message.
         :param timeout: seconds to wait for the transport to accept it.
+        :param legacy: the legacy positional ``method, endpoint, headers_tag``.
         :return: the reply on synchronous transports (HTTP), else ``None``.
         :raises SendError: the message was not accepted; nothing is dropped silently.
         """
+        if legacy:
+            if len(legacy) > 3:
+                raise ConfigError("send() takes at most method, endpoint and headers_tag positionally")
+            for name, value in zip(("method", "endpoint"), legacy):
+                if value is not None:
+                    flags.setdefault(name, value)
+            headers_tag = headers_tag or (legacy[2] if len(legacy) == 3 else None)
         if flags:
             flags = _check_flags(flags, self.send_flags, f"{type(self).__name__}.send()")
         if timeout is not None:
@@ -723,6 +770,60 @@ class Producer(_Endpoint):
 _Handler = Callable[[Any], Awaitable[Any]]
 
 
+def _is_method_in_class_body(fn: Any) -> bool:
+    """A plain function defined in a class body whose first parameter is
+    ``self``: decorated there (legacy ``in_class``), it has no instance yet."""
+    if not inspect.isfunction(fn) or "." not in fn.__qualname__:
+        return False
+    if fn.__qualname__.rsplit(".", 2)[-2] == "<locals>":
+        return False
+    params = list(inspect.signature(fn).parameters)
+    return len(params) >= 2 and params[0] == "self"
+
+
+class _BindsToInstance:
+    """A handler decorated in its class body (legacy ``in_class``): when the
+    class is instantiated, the consumer gets the method bound to that
+    instance (the newest one wins). Until then ``start()`` says what is missing."""
+
+    def __init__(self, consumer: Consumer, key: str, fn: Callable[..., Any]) -> None:
+        self.consumer, self.key, self.fn = consumer, key, fn
+        consumer._unbound[key] = fn
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        init, binder = owner.__init__, self  # type: ignore[misc]
+
+        @functools.wraps(init)
+        def __init__(instance: Any, *args: Any, **kwargs: Any) -> None:
+            init(instance, *args, **kwargs)
+            binder.consumer._unbound.pop(binder.key, None)
+            binder.consumer._add_handler(binder.key, getattr(instance, name))
+
+        owner.__init__ = __init__  # type: ignore[misc]
+
+    def __get__(self, instance: Any, owner: Any) -> Any:
+        return self.fn if instance is None else self.fn.__get__(instance, owner)
+
+
+def _consume_loop_when_called_bare(consumer: Consumer, fn: _F) -> _F:
+    """Legacy: the decorator returned the consume loop, so services ran
+    ``await handler()``. Called with a message, it is the handler itself."""
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def entry(*args: Any, **kwargs: Any) -> Any:
+            if not args and not kwargs:
+                return await consumer._consume_forever()
+            return await fn(*args, **kwargs)
+    else:
+        @functools.wraps(fn)
+        def entry(*args: Any, **kwargs: Any) -> Any:
+            if not args and not kwargs:
+                return consumer._consume_forever()
+            return fn(*args, **kwargs)
+    entry._streamtools_handler = fn  # type: ignore[attr-defined]
+    return entry  # type: ignore[return-value]
+
+
 def _as_handler(fn: Callable[..., Any], queue: str) -> _Handler:
     """Check that ``fn`` takes the message, and make it awaitable: a plain
     ``def`` runs in a worker thread so it cannot block the event loop."""
@@ -777,18 +878,18 @@ class Consumer(_Endpoint):
     #: True where the consumer serves HTTP routes on a host and port.
     listens: ClassVar[bool] = False
 
-    def __init__(self, queue_name: str, *, prefetch: int = _DEFAULT_PREFETCH,
-                 max_retries: int = _DEFAULT_MAX_RETRIES, retry_backoff: float = 0.2,
-                 retry_backoff_max: float = 30.0, drain_timeout: float = 30.0, **options: Any) -> None:
+    def __init__(self, queue_name: str = "", queues_labels: Mapping[str, Any] | None = None, *,
+                 prefetch: int = _DEFAULT_PREFETCH, max_retries: int = _DEFAULT_MAX_RETRIES,
+                 retry_backoff: float = 0.2, retry_backoff_max: float = 30.0, drain_timeout: float = 30.0,
+                 **options: Any) -> None:
         self.prefetch = _number("prefetch", prefetch, int, 1)
         self.max_retries = _number("max_retries", max_retries, int, 0)
         self.retry_backoff = _number("retry_backoff", retry_backoff)
         self.retry_backoff_max = _number("retry_backoff_max", retry_backoff_max)
         self.drain_timeout = _number("drain_timeout", drain_timeout)
-        super().__init__(queue_name, **options)
-        # A dead-letter queue's own failures stay in it, at its tail: no <q>.dead.dead.
-        self.dead_letter_queue = queue_name if queue_name.endswith(".dead") else f"{queue_name}.dead"
+        super().__init__(queue_name, queues_labels, **options)
         self._handlers: dict[str, tuple[Callable[..., Any], _Handler]] = {}
+        self._unbound: dict[str, Callable[..., Any]] = {}  # methods whose class has no instance yet
         self._active: set[asyncio.Task[Any]] = set()
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._running = False
@@ -800,29 +901,73 @@ class Consumer(_Endpoint):
     @overload
     def __call__(self, handler: None = None, **flags: Any) -> Callable[[_F], _F]: ...
 
-    def __call__(self, handler: _F | None = None, **flags: Any) -> _F | Callable[[_F], _F]:
+    def __call__(self, handler: _F | str | None = None, override: bool = False,
+                 **flags: Any) -> _F | Callable[[_F], _F]:
         """Register a handler: ``@consumer()`` (or ``@consumer``) above an
         ``async def handler(msg)``; a bound method works too, and a plain
         ``def`` runs in a worker thread. The handler's return value is the
         reply to a request.
 
+        Legacy forms: ``@consumer("queue_name")`` (on HTTP with
+        ``override=True``, the route it names is served instead), a method
+        decorated in its class body (bound to the instance once its class is
+        instantiated), and the decorated function called with no message,
+        which consumes until cancelled.
+
         :raises ConfigError: the handler does not take one message argument.
         """
+        if isinstance(handler, str):
+            self._legacy_route(handler, override)
+            handler = None
         flags = _check_flags(flags, self.handler_flags, f"{type(self).__name__} decorator")
         key = self._handler_key(flags)
 
         def register(fn: _F) -> _F:
-            known = self._handlers.get(key)
-            if known is not None and known[0] != fn:
-                where = f" for {key}" if key else ""
-                raise ConfigError(f"queue {self.queue_name!r} already has a handler{where}: {known[0]!r}")
-            self._handlers[key] = (fn, _as_handler(fn, self.queue_name))
-            return fn
+            if _is_method_in_class_body(fn):
+                return _BindsToInstance(self, key, fn)  # type: ignore[return-value]
+            fn = getattr(fn, "_streamtools_handler", fn)
+            entry = _consume_loop_when_called_bare(self, fn)
+            self._add_handler(key, fn, entry)
+            return entry
 
         return register(handler) if handler is not None else register
 
+    def _add_handler(self, key: str, fn: Callable[..., Any], entry: Callable[..., Any] | None = None) -> None:
+        """Register ``fn`` for ``key``; ``entry`` is what the decorator gave the user."""
+        known = self._handlers.get(key)
+        if known is not None:
+            old = getattr(known[0], "_streamtools_handler", known[0])
+            # The same function again is fine; a method bound again, to a newer instance, replaces the old one.
+            if old != fn and getattr(old, "__func__", None) is not getattr(fn, "__func__", fn):
+                where = f" for {key}" if key else ""
+                raise ConfigError(f"queue {self.queue_name!r} already has a handler{where}: {old!r}")
+        self._handlers[key] = (entry or fn, _as_handler(fn, self.queue_name))
+
+    def _legacy_route(self, route: str, override: bool) -> None:
+        """Legacy ``@consumer("name")``: the route was cosmetic unless the
+        consumer had none or ``override=True`` (HTTP)."""
+        if self.listens and (override or not self.queue_name):
+            if self._ready:
+                raise ConfigError(f"{self!r} is serving already: route {route!r} comes too late")
+            self.queue_name = self._check_name(route)
+
+    async def _consume_forever(self) -> None:
+        """Legacy: the decorated function called with no message consumes
+        until it is cancelled, then stops gracefully."""
+        await self.start()
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            await self.stop()
+
     def _handler_key(self, flags: dict[str, Any]) -> str:
         return ""
+
+    @property
+    def dead_letter_queue(self) -> str:
+        """``<queue>.dead``; a dead-letter queue's own failures stay in it, at its tail."""
+        name = self.queue_name
+        return name if name.endswith(".dead") else f"{name}.dead"
 
     @property
     def handlers(self) -> list[Callable[..., Any]]:
@@ -833,6 +978,10 @@ class Consumer(_Endpoint):
         """Start handing messages to the handler; returns once consuming."""
         if self._running:
             return
+        if self._unbound:
+            names = ", ".join(fn.__qualname__ for fn in self._unbound.values())
+            raise ConfigError(f"handler {names} of queue {self.queue_name!r} is a method: create an instance "
+                              "of its class before starting, and the consumer calls it on that instance")
         if not self._handlers:
             raise ConfigError(f"no handler for queue {self.queue_name!r}: decorate one with @consumer()")
         await self.a_init()
@@ -1238,6 +1387,7 @@ class _AMQPLink:
         self.where = _where(self.url)
         self.connection: Any = None
         self.channel: Any = None
+        self.prefetch = 0
         self.declared: set[str] = set()
 
     # The shared connection.
@@ -1299,6 +1449,7 @@ class _AMQPLink:
         is an error, not a hang."""
         self.connection = await self._acquire()
         self.channel = None
+        self.prefetch = prefetch
         self.declared = set()
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -1322,10 +1473,27 @@ class _AMQPLink:
         try:
             queue = await self.channel.declare_queue(name, durable=True, arguments=self.queue_args)
         except self.errors.ChannelPreconditionFailed as exc:
-            raise ConfigError(f"queue {name!r} exists on {self.where} with other settings (classic or quorum?): "
-                              f"use the same queue_type everywhere or delete the queue ({exc})") from None
+            if "'durable'" not in str(exc) and "'auto_delete'" not in str(exc):
+                raise ConfigError(f"queue {name!r} exists on {self.where} with other settings (classic or "
+                                  f"quorum?): use the same queue_type everywhere or delete the queue ({exc})") from None
+            # Declared by the legacy library (not durable, auto-delete): use it as it is, so services
+            # sharing the broker can upgrade one at a time.
+            await self._reopen()  # the refused declaration closed the channel
+            queue = await self.channel.declare_queue(name, passive=True)
+            log.warning("queue %r on %s was declared by the legacy streamtools: it is not durable, so its "
+                        "messages are lost if the broker restarts, and it may be auto-deleted. It is used as it "
+                        "is; to migrate, once every service is upgraded, stop its consumers, let it empty, delete "
+                        "it, and streamtools declares it durable", name, self.where)
         self.declared.add(name)
         return queue
+
+    async def _reopen(self) -> None:
+        old, self.channel = self.channel, None
+        await _closing(f"closing a channel to {self.where}", old.close())
+        self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+        self.exchange = self.channel.default_exchange
+        if self.prefetch:
+            await self.channel.set_qos(prefetch_count=self.prefetch)
 
     async def close(self) -> None:
         if self.channel is not None:
@@ -1430,6 +1598,16 @@ class _RabbitMQEndpoint(_Endpoint):
     def where(self) -> str:
         """``host:port`` of the broker, for messages (never the credentials)."""
         return self._link.where
+
+    def add_agent_uuid(self, **keys: str) -> None:
+        """Legacy: the queue name gets the first five characters of the
+        ``RabbitMQ`` id as a suffix (``orders-1a2b3``)."""
+        super().add_agent_uuid(**keys)
+        key = keys.get("RabbitMQ")
+        if key:
+            if self._ready:
+                raise ConfigError(f"add_agent_uuid() renames queue {self.queue_name!r}: call it before a_init()")
+            self.queue_name = f"{self.queue_name}-{key[:5]}"
 
     async def _disconnect(self) -> None:
         await self._link.close()
@@ -1593,6 +1771,19 @@ class HTTPProducer(Producer):
     brokered = False
     send_flags = frozenset({"method", "endpoint"})
 
+    def _check_name(self, queue_name: Any) -> str:
+        # The route: "/orders" means "orders"; "" (legacy HTTPProducer()) posts to the host's root.
+        return "" if queue_name in ("", "/") else _check_queue_name(
+            queue_name.strip("/") if isinstance(queue_name, str) else queue_name)
+
+    def _message(self, msg: Any, headers_tag: str | None, header_tag: str | None,
+                 content_type: str | None, headers: Mapping[str, Any] | None,
+                 message_id: str | None) -> Message:
+        if (isinstance(msg, str) and not (headers_tag or header_tag or content_type)
+                and msg.lstrip().startswith(("{", "[")) and _is_json_text(msg)):
+            content_type = JSON  # legacy services sent json.dumps(obj): it goes as the JSON it is
+        return super()._message(msg, headers_tag, header_tag, content_type, headers, message_id)
+
     def _setup(self, host: str | None = None, endpoint: str | None = None, retries: int = 3,
                retry_backoff: float = 0.1, timeout: float = 30.0, auth_token: str | None = None,
                ssl_context: ssl.SSLContext | None = None, pool_size: int = 100) -> None:
@@ -1713,12 +1904,13 @@ class _HTTPServer:
     when the last one leaves. It serves ``GET /healthz``, dispatches
     ``/{queue}`` to the consumer serving it now, and answers JSON 404s."""
 
-    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None, shutdown_timeout: float) -> None:
+    def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None, shutdown_timeout: float,
+                 app: web.Application | None = None) -> None:
         self._web = _require("aiohttp.web", "aiohttp")
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
-        self.app = self._web.Application()
+        self.app = self._web.Application() if app is None else app
         self.app.router.add_get("/healthz", self._health)
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
         #: The consumer serving each route.
@@ -1728,11 +1920,13 @@ class _HTTPServer:
 
     @classmethod
     async def acquire(cls, host: str, port: int, ssl_context: ssl.SSLContext | None,
-                      shutdown_timeout: float) -> _HTTPServer:
+                      shutdown_timeout: float, app: web.Application | None = None) -> _HTTPServer:
         servers = _http_servers.setdefault(asyncio.get_running_loop(), {})
         server = servers.get((host, port))
+        if server is not None and app is not None and server.app is not app:
+            raise ConfigError(f"{host}:{port} is already served by another application")
         if server is None:
-            server = cls(host, port, ssl_context, shutdown_timeout)
+            server = cls(host, port, ssl_context, shutdown_timeout, app)
             await server._start()
             servers[(host, port)] = server
             if port == 0:  # later consumers of port 0 share it too, and those of its real port
@@ -1776,9 +1970,27 @@ class _HTTPServer:
         return f"{'https' if self.ssl_context else 'http'}://{host}:{self.port}/{path}"
 
 
+def _takes_request(fn: Callable[..., Any]) -> bool:
+    """Legacy HTTP handlers take the aiohttp ``Request``: their first
+    parameter is annotated ``web.Request`` or named ``request``."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if not params:
+        return False
+    annotation = params[0].annotation
+    if isinstance(annotation, str):  # postponed annotations
+        return annotation.rpartition(".")[2] in ("Request", "BaseRequest")
+    if annotation is not inspect.Parameter.empty:
+        return getattr(annotation, "__name__", "") in ("Request", "BaseRequest") and \
+            getattr(annotation, "__module__", "").startswith("aiohttp")
+    return params[0].name == "request"
+
+
 _http_servers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], _HTTPServer]] = \
     weakref.WeakKeyDictionary()
-_RESPONSE = "streamtools.response"  # where a request's response waits, on the aiohttp Request
+_RESPONSE: Any = "streamtools.response"  # where a request's response waits, on the aiohttp Request
 
 
 class HTTPConsumer(Consumer):
@@ -1804,6 +2016,11 @@ class HTTPConsumer(Consumer):
     handler_flags = frozenset({"method"})
     listens = True
 
+    def _check_name(self, queue_name: Any) -> str:
+        # The route: "/orders" (legacy) means "orders"; "" or "/" is the root.
+        return "" if queue_name in ("", "/") else _check_queue_name(
+            queue_name.strip("/") if isinstance(queue_name, str) else queue_name)
+
     def _setup(self, host: str | None = None, port: int | None = None, max_body: int = _DEFAULT_MAX_BODY,
                auth_token: str | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         self._client()
@@ -1819,6 +2036,14 @@ class HTTPConsumer(Consumer):
         self.ssl_context = ssl_context
         self._server: _HTTPServer | None = None
         self._mounted = False
+        self._takes_request: set[str] = set()  # methods whose handler takes the aiohttp Request
+
+    def _add_handler(self, key: str, fn: Callable[..., Any], entry: Callable[..., Any] | None = None) -> None:
+        super()._add_handler(key, fn, entry)
+        if _takes_request(fn):
+            self._takes_request.add(key)
+        else:
+            self._takes_request.discard(key)
 
     def _handler_key(self, flags: dict[str, Any]) -> str:
         method = str(flags.get("method", "POST")).upper()
@@ -1843,7 +2068,10 @@ class HTTPConsumer(Consumer):
         return {"endpoint": self.url, "ssl_context": self.ssl_context}
 
     async def _connect(self) -> None:
+        global _RESPONSE
         self._web = self._client("aiohttp.web")
+        if isinstance(_RESPONSE, str) and hasattr(self._web, "RequestKey"):  # aiohttp >= 3.12 wants typed keys
+            _RESPONSE = self._web.RequestKey(_RESPONSE, self._web.StreamResponse)
 
     async def _disconnect(self) -> None:
         """Nothing to release: the route left the server in ``_stop_intake``."""
@@ -1876,9 +2104,12 @@ class HTTPConsumer(Consumer):
         if not self._ready:  # mounted on a user's application without start()
             await self.a_init()
         headers = request.headers
-        if method in _BODYLESS:
+        body: Any
+        if method in self._takes_request:  # legacy: the handler reads the request itself
+            data, ctype, body = b"", headers.get("Content-Type", ""), request
+        elif method in _BODYLESS and not request.body_exists:
             data, ctype, body = b"", "", dict(request.query)
-        else:
+        else:  # a legacy producer's GET carries its JSON message as the body
             raw = await _read_body(request, self.max_body)
             if raw is None:
                 return _json_error(413, f"body larger than {self.max_body} bytes")
@@ -1902,6 +2133,8 @@ class HTTPConsumer(Consumer):
         web = self._web
         if error is not None:
             response = _json_error(500, "the handler failed; see the consumer's log", **{"X-Message-Id": message.id})
+        elif isinstance(result, web.StreamResponse):  # legacy handlers answer with their own response
+            response = result
         elif result is None:
             response = web.Response(status=202)
         else:
@@ -2003,7 +2236,33 @@ def register_transport(name: str, producer_cls: type[Producer], consumer_cls: ty
 
 register_transport(MEMORY, MemoryProducer, MemoryConsumer, aliases=("memory", "asyncio", "inproc"))
 register_transport(RABBITMQ, RabbitMQProducer, RabbitMQConsumer, aliases=("rabbitmq", "rmq", "amqp"))
-register_transport(HTTP, HTTPProducer, HTTPConsumer, aliases=("http",))
+register_transport(HTTP, HTTPProducer, HTTPConsumer, aliases=("http", "posthandler"))
+
+# The legacy library's class names.
+AsyncIOProducer, AsyncIOConsumerLoop = MemoryProducer, MemoryConsumer
+RMQIOProducer, RMQIOConsumerLoop = RabbitMQProducer, RabbitMQConsumer
+HTTPConsumerLoop = HTTPConsumer
+
+#: The legacy package's modules: each is this module under that name.
+_LEGACY_MODULES = ("constants", "consumers", "factories", "libs", "producers", "queues")
+
+
+def _register_legacy_modules(name: str) -> None:
+    """Make ``from streamtools.constants import HTTP`` (and the other legacy
+    submodules) import this one module, as six registers ``six.moves``."""
+    module = sys.modules.get(name)
+    if module is not None:
+        for legacy in _LEGACY_MODULES:
+            sys.modules.setdefault(f"{name}.{legacy}", module)
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: streamtools.constants.HTTP after `import streamtools`
+    if name in _LEGACY_MODULES:
+        return sys.modules[__name__]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_register_legacy_modules(__name__)
 
 
 ###############################################################################
@@ -2024,6 +2283,9 @@ class HandleMsgs:
     """
 
     def __init__(self, queue_name: str, msg_queues: Mapping[str, Any],
+                 queues_labels: Mapping[str, Any] | None = None,
+                 consumer_loops_dict: Mapping[str, Any] | None = None,
+                 producers_dict: Mapping[str, Any] | None = None, *,
                  consumer_options: Mapping[str, Any] | None = None,
                  producer_options: Mapping[str, Any] | None = None) -> None:
         if not isinstance(msg_queues, Mapping):
@@ -2038,22 +2300,61 @@ class HandleMsgs:
         if unknown:
             raise ConfigError(f"config of {queue_name!r} has unknown key(s) {sorted(unknown)}; "
                               "it takes 'name', 'consumer_loop' and 'producer'")
-        self.queue_name = config.get("name") or queue_name
+        label = (queues_labels or {}).get(queue_name)
+        self.queue_name = (label.get("queue") if isinstance(label, Mapping) else None) or config.get("name") \
+            or queue_name
+        #: Legacy: the config and its labels ``{label: {"queue": name}}``.
+        self.msg_queues = msg_queues
+        self.queues_labels = queues_labels or {queue_name: {"queue": self.queue_name}}
         if not config.get("consumer_loop") and not config.get("producer"):
             raise ConfigError(f"config of {queue_name!r} names neither a 'consumer_loop' nor a 'producer'")
-        consumer_cls = self._lookup(CONSUMER_LOOPS, config, queue_name, "consumer_loop")
-        producer_cls = self._lookup(PRODUCERS, config, queue_name, "producer")
-        self.consumer = consumer_cls(self.queue_name, **(consumer_options or {})) if consumer_cls else None
-        self.producer = producer_cls(self.queue_name, **(producer_options or {})) if producer_cls else None
+        consumer_cls = self._lookup(consumer_loops_dict or CONSUMER_LOOPS, config, queue_name, "consumer_loop")
+        producer_cls = self._lookup(producers_dict or PRODUCERS, config, queue_name, "producer")
+        self.consumer: Consumer | None = \
+            consumer_cls(self.queue_name, **(consumer_options or {})) if consumer_cls else None
+        self.producer: Producer | None = \
+            producer_cls(self.queue_name, **(producer_options or {})) if producer_cls else None
 
     @staticmethod
-    def _lookup(registry: _Registry[_T], config: Mapping[str, Any], queue_name: str, key: str) -> type[_T] | None:
+    def _lookup(registry: Mapping[str, Any], config: Mapping[str, Any], queue_name: str, key: str) -> Any:
         if not config.get(key):
             return None
         try:
             return registry[config[key]]
         except UnknownTransport as exc:
             raise ConfigError(f"{queue_name}.{key}: {exc}") from None
+        except KeyError:  # a legacy service's own dict of classes
+            raise ConfigError(f"{queue_name}.{key}: unknown transport {config[key]!r}; "
+                              f"choose one of: {', '.join(sorted(registry))}") from None
+
+    @property
+    def consumer_loop(self) -> Consumer | None:
+        """Legacy name of :attr:`consumer`."""
+        return self.consumer
+
+    @property
+    def handles(self) -> tuple[Consumer | None, Producer | None]:
+        """Legacy: the ``(consumer_loop, producer)`` pair."""
+        return self.consumer, self.producer
+
+    @property
+    def types(self) -> tuple[str | None, str | None]:
+        """Legacy: the transport names of the consumer and the producer."""
+        return (self.consumer.transport if self.consumer else None,
+                self.producer.transport if self.producer else None)
+
+    @property
+    def shared_queue(self) -> Any:
+        """Legacy: what the pair shares: the port of an HTTP consumer, else the queue name."""
+        if self.consumer is not None and self.consumer.listens:
+            return self.consumer.port  # type: ignore[attr-defined]
+        return self.queue_name
+
+    def add_agent_uuid(self, **keys: str) -> None:
+        """Legacy: pass the agent's ids to both sides (see :meth:`Producer.add_agent_uuid`)."""
+        for side in self.handles:
+            if side is not None:
+                side.add_agent_uuid(**keys)
 
     def __repr__(self) -> str:
         return f"<HandleMsgs {self.queue_name!r} consumer={self.consumer!r} producer={self.producer!r}>"
@@ -2099,8 +2400,22 @@ class HandlerFactory:
         if not isinstance(msg_queues, Mapping) or not msg_queues:
             raise ConfigError('HandlerFactory takes a non-empty dict like {"queue_1": {"name": "queue_1", '
                               f'"consumer_loop": "RMQIOHandler", "producer": "RMQIOHandler"}}}}, got {msg_queues!r}')
-        self.handlers = {key: HandleMsgs(key, msg_queues, consumer_options, producer_options)
-                         for key in msg_queues}
+        #: Legacy: the config as given.
+        self.configs = msg_queues
+        self.handlers = {key: HandleMsgs(key, msg_queues, consumer_options=consumer_options,
+                                         producer_options=producer_options) for key in msg_queues}
+        #: Legacy: ``{label: {"queue": name, "uuid": "", "handler": HandleMsgs}}``.
+        self.queues_labels = {key: {"queue": h.queue_name, "uuid": "", "handler": h}
+                              for key, h in self.handlers.items()}
+        self._web_app: web.Application | None = None
+
+    @property
+    def web_app(self) -> web.Application:
+        """Legacy: an aiohttp ``Application`` for this factory's HTTP routes
+        (see :func:`prepare_aiohttp_app`); made, and aiohttp imported, when first used."""
+        if self._web_app is None:
+            self._web_app = _require("aiohttp.web", "aiohttp").Application()
+        return self._web_app
 
     def __getitem__(self, queue: str) -> HandleMsgs:
         return self.handlers[queue]
@@ -2121,6 +2436,16 @@ class HandlerFactory:
             await handle.close()
 
 
+def _unserved(fn: _F) -> _F:
+    """Legacy ``supports_http=False``: the route is not served; calling the
+    function passes ``{}`` as the message."""
+    @functools.wraps(fn)
+    def without_message(*args: Any, **kwargs: Any) -> Any:
+        return fn({}, *args, **kwargs)
+
+    return without_message  # type: ignore[return-value]
+
+
 class ConsumerFactory:
     """Creates one consumer per route of a given transport, Flask style::
 
@@ -2132,11 +2457,18 @@ class ConsumerFactory:
     :param queue_type: a transport name of :data:`CONSUMER_LOOPS`.
     :param port: the port HTTP consumers are served on.
     :param host: the address HTTP consumers listen on.
+    :param supports_http: legacy: ``False`` on an HTTP factory leaves routes
+        unserved (the decorated function is called with ``{}`` instead).
+    :param in_class: legacy, accepted: handlers decorated in a class body are
+        bound to the instance of their class whatever it says.
     :param options: passed to every consumer (``prefetch``, ``url``...).
     """
 
-    def __init__(self, queue_type: str, port: int = 9000, host: str | None = None, **options: Any) -> None:
+    def __init__(self, queue_type: str, port: int = 9000, host: str | None = None, supports_http: bool = True,
+                 in_class: bool = False, **options: Any) -> None:
         self.queue_type = queue_type
+        self.supports_http = supports_http
+        self.in_class = in_class
         self.consumer_class: type[Consumer] = CONSUMER_LOOPS[queue_type]
         self.port = port
         self.host = host
@@ -2151,6 +2483,8 @@ class ConsumerFactory:
 
     def route(self, queue_name: str, **flags: Any) -> Callable[[_F], _F]:
         """Decorator: handle ``queue_name`` with the decorated function."""
+        if self.consumer_class.listens and not self.supports_http:
+            return _unserved
         consumer = self._by_queue.get(queue_name)
         if consumer is None:
             consumer = self.consumer_class(queue_name, **self.options)
@@ -2159,11 +2493,17 @@ class ConsumerFactory:
         decorate = consumer(**flags)
 
         def register(fn: _F) -> _F:
-            decorate(fn)
+            result: _F = decorate(fn)
             self.handlers.append(fn)
-            return fn
+            return result
 
         return register
+
+    def register(self, fn: _F) -> _F:
+        """Legacy: list a handler in :attr:`handlers` (routed ones already are)."""
+        if fn not in self.handlers and getattr(fn, "__wrapped__", None) not in self.handlers:
+            self.handlers.append(fn)
+        return fn
 
     def mount(self, app: web.Application) -> None:
         """Serve every HTTP route on an existing aiohttp ``Application``."""
@@ -2202,10 +2542,36 @@ async def _signals_set(event: asyncio.Event) -> AsyncIterator[None]:
                 pass
 
 
+class _LazyWebApp:
+    """``ConsumerRunner.WEBAPP``: the legacy shared aiohttp ``Application`` a
+    service adds its own routes to before ``run()``; made (and aiohttp
+    imported) when first used."""
+
+    app: Any = None
+
+    def __get__(self, obj: Any, owner: Any) -> web.Application:
+        if _LazyWebApp.app is None:
+            _LazyWebApp.app = _require("aiohttp.web", "aiohttp").Application()
+        app: web.Application = _LazyWebApp.app
+        return app
+
+
+def _service_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop a legacy service set up with ``asyncio.get_event_loop()``
+    and ran ``a_init()`` in, if any: its connections live there. CPython keeps
+    it on the event loop policy; where that cannot be read, None."""
+    local = getattr(asyncio.get_event_loop_policy(), "_local", None)
+    loop = getattr(local, "_loop", None)
+    if isinstance(loop, asyncio.AbstractEventLoop) and not loop.is_closed() and not loop.is_running():
+        return loop
+    return None
+
+
 class ConsumerRunner:
     """Runs a set of consumers: every HTTP route on one aiohttp application on
-    ``host:port`` (a port is bound only when there are HTTP consumers), every
-    RabbitMQ consumer on one shared connection.
+    ``host:port`` (a port is bound only when there are HTTP consumers or
+    routes added to :attr:`webapp`), every RabbitMQ consumer on one shared
+    connection.
 
     ``run()`` blocks until SIGINT or SIGTERM, then stops gracefully. For
     embedding and tests: ``await runner.start()`` / ``await runner.stop()`` or
@@ -2218,6 +2584,11 @@ class ConsumerRunner:
     :param host: HTTP address (default: the consumers' host, else ``0.0.0.0``).
     :param ssl_context: serve the HTTP routes over HTTPS.
     """
+
+    #: Legacy: an aiohttp ``Application`` (shared, as the legacy one was) that a
+    #: service may add its own routes to before ``run()``; they are served on
+    #: the runner's host and port beside the consumers' routes.
+    WEBAPP = _LazyWebApp()
 
     def __init__(self, consumers: Sequence[Consumer] = (), handlers: Sequence[Callable[..., Any]] = (),
                  port: int | None = None, host: str | None = None,
@@ -2241,12 +2612,28 @@ class ConsumerRunner:
         self.host = host or next((c.host for c in listening), "0.0.0.0")
         self.port = port if port is not None else next((c.port for c in listening), 9000)
         self.ssl_context = ssl_context or next((c.ssl_context for c in listening if c.ssl_context), None)
+        self._server: _HTTPServer | None = None
         self._started = False
+
+    @property
+    def webapp(self) -> web.Application:
+        """Legacy: :attr:`WEBAPP`."""
+        return self.WEBAPP
+
+    async def app(self) -> None:
+        """Legacy: start serving and return (the service then runs its loop)."""
+        await self.start()
 
     async def start(self) -> None:
         """Connect every consumer and start serving."""
         if self._started:
             return
+        own = _LazyWebApp.app
+        if own is not None and len(own.router.routes()) > 0:  # a legacy service's own routes
+            drain = max((c.drain_timeout for c in self.consumers), default=30.0)
+            self._server = await _HTTPServer.acquire(self.host, self.port, self.ssl_context, drain, app=own)
+            self.port = self._server.port
+            _LazyWebApp.app = None  # served (and frozen) now: the next runner gets a fresh one
         for consumer in self.consumers:  # listening consumers share one server on the runner's address
             if consumer.listens:
                 consumer.host, consumer.port = self.host, self.port  # type: ignore[attr-defined]
@@ -2260,8 +2647,14 @@ class ConsumerRunner:
                     self.port = consumer.port = consumer._server.port  # type: ignore[attr-defined]
         except BaseException:
             await asyncio.gather(*(c.stop() for c in started), return_exceptions=True)
+            await self._release_server()
             raise
         self._started = True
+
+    async def _release_server(self) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.release()
 
     async def stop(self) -> None:
         """Stop gracefully: finish in-flight work, then close connections."""
@@ -2272,6 +2665,7 @@ class ConsumerRunner:
         for consumer, result in zip(self.consumers, results):
             if isinstance(result, BaseException):
                 log.error("stopping %r failed: %r", consumer, result)
+        await self._release_server()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -2290,11 +2684,46 @@ class ConsumerRunner:
             log.info("stopping")
 
     def run(self) -> None:
-        """Block serving until SIGINT or SIGTERM; then stop gracefully and return."""
+        """Block serving until SIGINT or SIGTERM; then stop gracefully and
+        return. A legacy service that connected its producers and consumers
+        in ``asyncio.get_event_loop()`` is served in that same loop."""
+        loop = _service_loop()
         try:
-            asyncio.run(self.serve())
+            if loop is None:
+                asyncio.run(self.serve())
+            else:
+                loop.run_until_complete(self.serve())
         except KeyboardInterrupt:  # where signal handlers are unavailable
             pass
+
+
+async def prepare_aiohttp_app(app: web.Application | None = None, routes: Any = None, port: int | None = None,
+                              handler_group: HandlerFactory | None = None, classes: Sequence[Any] = (),
+                              host: str | None = None) -> web.TCPSite | None:
+    """Legacy: add ``routes`` to an aiohttp ``app`` and return a ``TCPSite``
+    on ``host:port``, set up but not started (``await site.start()``). With
+    ``handler_group`` (a :class:`HandlerFactory`), its HTTP consumers are
+    mounted on its ``web_app`` on their port instead. ``None`` when there is
+    nothing to serve. ``classes`` is accepted: methods decorated in a class
+    body bind to their instance by themselves.
+    """
+    aiohttp_web = _require("aiohttp.web", "aiohttp")
+    if handler_group is not None:
+        http = [c for c in handler_group.consumers if isinstance(c, HTTPConsumer)]
+        if not http:
+            return None
+        app = handler_group.web_app
+        for consumer in http:
+            consumer.mount(app)
+        port = port or http[0].port
+    elif app is None or routes is None or not port:
+        return None
+    else:
+        app.add_routes(routes)
+    runner = aiohttp_web.AppRunner(app)
+    await runner.setup()
+    site: web.TCPSite = aiohttp_web.TCPSite(runner, host, port)
+    return site
 
 
 def _percentile(sorted_values: list[float], fraction: float) -> float:
@@ -2646,6 +3075,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``streamtools`` command; returns the exit status."""
     # User code loaded by `run` imports streamtools: give it this module, not a second copy.
     sys.modules.setdefault("streamtools", sys.modules[__name__])
+    _register_legacy_modules("streamtools")
     args = _build_parser().parse_args(argv)
     sub: argparse.ArgumentParser = args.parser
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO

@@ -339,6 +339,8 @@ class TestConfigErrors:
         client = CONSUMER_LOOPS[kind].client
         if client is not None:
             pytest.importorskip(client[0])
+        if name == "" and CONSUMER_LOOPS[kind].listens:
+            return  # "" is the root route of an HTTP server (legacy HTTPProducer() and "/")
         with pytest.raises(streamtools.ConfigError, match="queue name"):
             PRODUCERS[kind](name)
         with pytest.raises(streamtools.ConfigError, match="queue name"):
@@ -1218,9 +1220,11 @@ class TestRabbitMQ:
 
 class TestHTTP:
     async def test_send_is_bounded_by_its_timeout(self, http: Kit) -> None:
+        accepted: list[asyncio.StreamWriter] = []
+
         async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)
             await reader.read(65536)
-            await asyncio.sleep(60)
 
         server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
@@ -1233,7 +1237,10 @@ class TestHTTP:
                 await producer.send("anyone?", timeout=0.2)
             assert time.monotonic() - began < 3
         finally:
+            for writer in accepted:
+                writer.close()
             server.close()
+            await server.wait_closed()
         with pytest.raises(streamtools.ConfigError, match="timeout must be at least"):
             await producer.send("x", timeout=0)
 
@@ -1626,6 +1633,292 @@ class TestLegacyUsage:
             assert await web.send("there") == {"web": "there"}
             await until(lambda: got, what="the memory message")
         assert got == [("memory", "hi")]
+
+
+class TestLegacyUpgrade:
+    """A legacy service (CariPay/streamtools 1.0.x-1.1.2) swapping the
+    library for streamtools.py, as it was written against the legacy source."""
+
+    def test_legacy_modules_and_names_import(self, tmp_path: Path) -> None:
+        result = run_python("""
+            from streamtools.constants import HTTP, RABBITMQ, ASYNCIO, KAFKA
+            from streamtools.queues import HandlerFactory, ConsumerRunner, CONSUMER_LOOPS, PRODUCERS, HandleMsgs
+            from streamtools.consumers import RMQIOConsumerLoop, HTTPConsumerLoop, AsyncIOConsumerLoop
+            from streamtools.producers import RMQIOProducer, HTTPProducer, AsyncIOProducer
+            from streamtools.libs import prepare_aiohttp_app
+            from streamtools.factories import ConsumerFactory
+            from streamtools import prepare_aiohttp_app as again
+            import streamtools.queues, streamtools
+            assert streamtools.queues.HandleMsgs is HandleMsgs and again is prepare_aiohttp_app
+            assert CONSUMER_LOOPS[RABBITMQ] is RMQIOConsumerLoop and PRODUCERS[ASYNCIO] is AsyncIOProducer
+            assert PRODUCERS["POSTHandler"] is HTTPProducer and CONSUMER_LOOPS[HTTP] is HTTPConsumerLoop
+            print(HTTP, RABBITMQ, ASYNCIO, KAFKA)
+        """)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == ["HTTPHandler", "RMQIOHandler", "AsyncIOHandler", "KafkaHandler"]
+        # A vendored copy registers its legacy modules under its own name.
+        (tmp_path / "vendored").mkdir()
+        (tmp_path / "vendored" / "__init__.py").write_text("")
+        shutil.copy(HERE / "streamtools.py", tmp_path / "vendored" / "streamtools.py")
+        vendored = subprocess.run([sys.executable, "-c", "from vendored.streamtools.constants import HTTP; print(HTTP)"],
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert vendored.stdout.strip() == "HTTPHandler", vendored.stderr
+
+    async def test_positional_labels_and_agent_uuid_on_rabbitmq(self, rmq: Kit) -> None:
+        labels = {"orders": {"queue": rmq.queue, "uuid": ""}}
+        consumer = streamtools.RMQIOConsumerLoop("orders", labels, url=RMQ_URL)
+        producer = streamtools.RMQIOProducer("orders", labels, url=RMQ_URL)
+        assert consumer.queue_name == producer.queue_name == rmq.queue
+        for side in (consumer, producer):
+            side.add_agent_uuid(RabbitMQ="1a2b3c4d-ffff", HTTP="ignored")
+        assert consumer.queue_name == producer.queue_name == f"{rmq.queue}-1a2b3"
+        rmq.queues.add(consumer.queue_name)
+        rmq.consumers.append(consumer)
+        rmq.producers.append(producer)
+        got: list[Any] = []
+        consumer()(got.append)
+        await consumer.start()
+        await producer.send({"order": 1})
+        await until(lambda: got, what="the message on the suffixed queue")
+        assert got == [{"order": 1}]
+        with pytest.raises(streamtools.ConfigError, match="before a_init"):
+            producer.add_agent_uuid(RabbitMQ="late")
+
+    async def test_rmq_host_with_a_port(self, rmq: Kit, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.delenv("RMQ_URL", raising=False)
+        monkeypatch.setenv("RMQ_HOST", "127.0.0.1:5672")
+        producer = streamtools.RMQIOProducer(rmq.queue)
+        rmq.producers.append(producer)
+        rmq.queues.add(rmq.queue)
+        await producer.send("via host:port")
+        assert producer.where == "127.0.0.1:5672"
+
+    async def test_handle_msgs_legacy_constructor_and_attributes(self) -> None:
+        pytest.importorskip("aiohttp")
+        configs = {"q1": {"name": "wire_q1", "consumer_loop": MEMORY, "producer": MEMORY}}
+        labels = {"q1": {"queue": "wire_q1", "uuid": ""}}
+        handle = streamtools.HandleMsgs(queue_name="q1", msg_queues=configs, queues_labels=labels,
+                                        consumer_loops_dict=CONSUMER_LOOPS, producers_dict=PRODUCERS)
+        consumer_loop, producer = handle.handles
+        assert consumer_loop is handle.consumer_loop and isinstance(producer, streamtools.AsyncIOProducer)
+        assert handle.types == (MEMORY, MEMORY) and handle.shared_queue == "wire_q1"
+        handle.add_agent_uuid(AsyncIO="x")
+        got: list[Any] = []
+        consumer_loop()(got.append)  # type: ignore[misc]
+        async with consumer_loop:  # type: ignore[union-attr]
+            await handle.send({"n": 1})
+            await until(lambda: got, what="the message")
+        factory = streamtools.HandlerFactory(configs)
+        from aiohttp import web
+        assert factory.configs is configs and isinstance(factory.web_app, web.Application)
+        assert factory.queues_labels["q1"]["queue"] == "wire_q1"
+
+    async def test_decorated_function_called_bare_runs_the_consume_loop(self) -> None:
+        consumer = CONSUMER_LOOPS[MEMORY]("legacy-loop")
+        got: list[Any] = []
+
+        @consumer()
+        async def handler(msg: Any) -> str:
+            got.append(msg)
+            return "handled"
+
+        assert await handler("direct call") == "handled"  # with a message: the plain handler
+        loop_task = asyncio.ensure_future(handler())  # legacy: `await handler()` consumes
+        async with PRODUCERS[MEMORY]("legacy-loop") as producer:
+            assert await producer.request({"via": "queue"}) == "handled"
+        loop_task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop_task
+        assert got == ["direct call", {"via": "queue"}] and not consumer._running
+
+    async def test_legacy_route_argument_and_override(self, http: Kit) -> None:
+        unnamed = streamtools.HTTPConsumerLoop(host="127.0.0.1", port=0)  # legacy: no queue name
+        http.consumers.append(unnamed)
+        unnamed("/queue_1")(lambda msg: f"one {msg}")
+        renamed = http.consumer("declared")
+        renamed("/served", override=True)(lambda msg: f"two {msg}")
+        cosmetic = CONSUMER_LOOPS[MEMORY]("kept")
+        cosmetic("cosmetic")(lambda msg: None)
+        assert (unnamed.queue_name, renamed.queue_name, cosmetic.queue_name) == ("queue_1", "served", "kept")
+        await unnamed.start()
+        await renamed.start()
+        one, two = await http.producer(unnamed), await http.producer(renamed)
+        assert await one.send("a") == "one a" and await two.send("b") == "two b"
+        assert unnamed.url.endswith("/queue_1") and renamed.url.endswith("/served")
+
+    async def test_a_handler_decorated_in_its_class_body_is_called_bound(self) -> None:
+        consumer = CONSUMER_LOOPS[MEMORY]("in-class")
+
+        class Service:
+            def __init__(self, name: str) -> None:
+                self.name = name
+                self.got: list[Any] = []
+
+            @consumer()
+            async def handle(self, msg: Any) -> str:
+                self.got.append(msg)
+                return f"{self.name} took {msg}"
+
+        with pytest.raises(streamtools.ConfigError, match="is a method: create an instance"):
+            await consumer.start()
+        service = Service("svc")
+        assert await service.handle("direct") == "svc took direct"
+        async with consumer, PRODUCERS[MEMORY]("in-class") as producer:
+            assert await producer.request("queued") == "svc took queued"
+        assert service.got == ["direct", "queued"]
+
+    async def test_http_routes_with_slashes_and_the_root(self, http: Kit) -> None:
+        consumers = ConsumerFactory(HTTP, port=0, host="127.0.0.1")
+        consumers.route("/queue_1")(lambda msg: {"queue_1": msg})
+        consumers.route("/")(lambda msg: {"root": msg})
+        async with ConsumerRunner(consumers=consumers.instances) as runner:
+            base = f"http://127.0.0.1:{runner.port}"
+            producer = await http.producer("x", endpoint=f"{base}/queue_1")
+            assert await producer.send("a") == {"queue_1": "a"}
+            assert await producer.send("b", endpoint=f"{base}/") == {"root": "b"}
+
+    async def test_http_handlers_taking_the_request_and_returning_responses(self, http: Kit) -> None:
+        import aiohttp
+        from aiohttp import web
+        annotated, named = http.consumer("annotated"), http.consumer("named")
+
+        @annotated()
+        async def legacy(request: web.Request) -> web.Response:
+            return web.json_response({"got": await request.json()}, status=201)
+
+        @named()
+        async def by_name(request):  # type: ignore[no-untyped-def]
+            return web.Response(text=(await request.text()).upper(), headers={"X-Legacy": "yes"})
+
+        await annotated.start()
+        await named.start()
+        async with aiohttp.ClientSession() as session:
+            async with session.post(annotated.url, data=json.dumps({"a": 1}),
+                                    headers={"Content-Type": "application/json"}) as response:
+                assert response.status == 201 and await response.json() == {"got": {"a": 1}}
+            async with session.post(named.url, data="shout") as response:
+                assert await response.text() == "SHOUT" and response.headers["X-Legacy"] == "yes"
+
+    async def test_get_with_a_json_body_and_get_with_a_query(self, http: Kit) -> None:
+        import aiohttp
+        consumer = http.consumer()
+        consumer(method="GET")(lambda msg: {"saw": msg})
+        await consumer.start()
+        async with aiohttp.ClientSession() as session:
+            # The legacy HTTP producer sent GETs with the JSON message as the body.
+            async with session.get(consumer.url, data=json.dumps({"id": 7}),
+                                   headers={"content-type": "application/json"}) as response:
+                assert await response.json() == {"saw": {"id": 7}}
+            async with session.get(consumer.url, params={"id": "8"}) as response:
+                assert await response.json() == {"saw": {"id": "8"}}
+
+    async def test_json_strings_travel_as_json_to_a_legacy_consumer(self, http: Kit) -> None:
+        from aiohttp import web
+        seen: list[tuple[str, Any]] = []
+
+        async def legacy_consumer(request: web.Request) -> web.Response:
+            seen.append((request.content_type, await request.json()))
+            return web.Response(status=202)
+
+        app = web.Application()
+        app.router.add_post("/orders", legacy_consumer)
+        async with serving(app) as port:
+            url = f"http://127.0.0.1:{port}/orders"
+            producer = await http.producer("", endpoint=url)  # legacy HTTPProducer() with no queue
+            order = {"id": 1, "items": ["apple"]}
+            await producer.send(json.dumps(order))
+            await producer.send(json.dumps(order), headers_tag="JSON")
+            await producer.send(json.dumps(order), "post", url)
+            await producer.send(json.dumps(order), "post", url, "SSI")
+        assert seen[:3] == [("application/json", order)] * 3
+        assert seen[3] == ("application/ssi-agent-wire", order)
+
+    async def test_a_queue_the_legacy_declared_non_durable_is_used(self, rmq: Kit,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+        import aio_pika
+        connection = await aio_pika.connect(RMQ_URL)
+        async with connection:
+            await (await connection.channel()).declare_queue(rmq.queue, auto_delete=True)  # as the legacy did
+        got: list[Any] = []
+        consumer = rmq.consumer()
+        consumer()(got.append)
+        with caplog.at_level(logging.WARNING, logger="streamtools"):
+            await consumer.start()
+            producer = await rmq.producer(consumer)
+            await producer.send({"during": "the upgrade"})
+            await until(lambda: got, what="the message through the legacy queue")
+        assert got == [{"during": "the upgrade"}]
+        assert "declared by the legacy streamtools: it is not durable" in caplog.text
+
+    async def test_legacy_service_runs_unchanged(self, rmq: Kit, tmp_path: Path) -> None:
+        port = free_port()
+        inbox, outbox = rmq.queue, f"{rmq.queue}-out"
+        rmq.queues.update((inbox, outbox))
+        script = f"""
+            import asyncio, os
+            from aiohttp import web
+            from streamtools.constants import RABBITMQ
+            from streamtools.factories import ConsumerFactory
+            from streamtools.queues import ConsumerRunner, PRODUCERS
+
+            loop = asyncio.get_event_loop()
+            producer = PRODUCERS[RABBITMQ]({outbox!r})
+            loop.run_until_complete(producer.a_init())   # connected in the service's own loop
+
+            consumers = ConsumerFactory(RABBITMQ, 9000)
+
+            @consumers.register
+            @consumers.route({inbox!r})
+            async def handle(msg):
+                await producer.send({{"echo": msg}})
+
+            async def custom(request):
+                return web.json_response({{"custom": True}})
+
+            ConsumerRunner.WEBAPP.router.add_get("/custom", custom)
+            app = ConsumerRunner(consumers=consumers.instances, handlers=consumers.handlers,
+                                 port={port}, host="127.0.0.1")
+            app.run()
+        """
+        child = await spawn(script, tmp_path, RMQ_URL=RMQ_URL)
+        try:
+            await wait_healthy(port, timeout=30)
+            import aiohttp
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/custom") as response:
+                    assert await response.json() == {"custom": True}
+            got: list[Any] = []
+            listener = rmq.consumer(outbox)
+            listener()(got.append)
+            await listener.start()
+            sender = await rmq.producer(inbox)
+            await sender.send("ping")
+            await until(lambda: got, timeout=20, what="the service's echo")
+            assert got == [{"echo": "ping"}]
+        finally:
+            child.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(child.wait(), 30) == 0, (await child.stderr.read()).decode()[-2000:]
+
+    async def test_runner_app_coroutine_and_unserved_routes(self) -> None:
+        consumers = ConsumerFactory(MEMORY, 9000)
+        got: list[Any] = []
+        consumers.route("legacy-app")(got.append)
+        runner = ConsumerRunner(consumers=consumers.instances, handlers=consumers.handlers)
+        await runner.app()
+        try:
+            async with PRODUCERS[MEMORY]("legacy-app") as producer:
+                await producer.send("x")
+            await until(lambda: got, what="the message")
+        finally:
+            await runner.stop()
+        pytest.importorskip("aiohttp")
+        offline = ConsumerFactory(HTTP, 9000, supports_http=False)
+
+        @offline.route("not-served")
+        def handler(msg: Any, extra: str = "") -> tuple[Any, str]:
+            return msg, extra
+
+        assert offline.instances == [] and handler("e") == ({}, "e")
 
 
 ###############################################################################
