@@ -53,6 +53,9 @@ __all__ = [
     "HandlerFactory",
     "JSON",
     "KAFKA",
+    "KafkaConsumer",
+    "KafkaConsumerLoop",
+    "KafkaProducer",
     "MEMORY",
     "MemoryConsumer",
     "MemoryProducer",
@@ -453,6 +456,37 @@ def _new_id() -> str:
 _EXPIRES = "x-expires-at"
 
 
+#: Header naming the headers whose values are not strings; they travel as
+#: JSON text on transports whose headers are strings or bytes only.
+_TYPED = "x-st-json"
+
+
+def _flat_headers(headers: Mapping[str, Any]) -> dict[str, str]:
+    """Headers as strings, for Kafka, NATS and Redis; :func:`_typed_headers` undoes it."""
+    flat: dict[str, str] = {}
+    typed = []
+    for key, value in headers.items():
+        if isinstance(value, str):
+            flat[key] = value
+        else:
+            flat[key] = _json_encode(value)
+            typed.append(key)
+    if typed:
+        flat[_TYPED] = ",".join(typed)
+    return flat
+
+
+def _typed_headers(flat: dict[str, Any]) -> dict[str, Any]:
+    typed = flat.pop(_TYPED, None)
+    if typed:
+        for key in typed.split(","):
+            try:
+                flat[key] = _json_decode(flat[key])
+            except (KeyError, ValueError):
+                pass
+    return flat
+
+
 def _reply_payload(result: Any, error: str | None) -> tuple[bytes, str, dict[str, Any]]:
     """The wire form of a reply: the handler's return value, or its error."""
     if error is not None:
@@ -570,6 +604,10 @@ class _Endpoint(abc.ABC):
     brokered: ClassVar[bool] = True
     #: True where messages never leave the process (the memory transport).
     in_process: ClassVar[bool] = False
+    #: The option that takes the broker's address (the CLI's ``--url``).
+    address_option: ClassVar[str | None] = None
+    #: Whether ``Message.redelivered`` tells a message given before (Kafka cannot).
+    tells_redelivery: ClassVar[bool] = True
 
     def __init__(self, queue_name: str = "", queues_labels: Mapping[str, Any] | None = None,
                  **options: Any) -> None:
@@ -584,12 +622,10 @@ class _Endpoint(abc.ABC):
         self.agent_keys: dict[str, str] = {}
         self._ready = False
         self._init_lock: asyncio.Lock | None = None  # made in a_init: no event loop is needed before
-        try:
-            inspect.signature(self._setup).bind(**options)
-        except TypeError:
-            takes = [p for p in inspect.signature(self._setup).parameters if p != "options"]
-            raise UnknownOption(f"{type(self).__name__} got unknown option(s) {sorted(options)}; "
-                              f"it takes {sorted(takes) or 'none'}") from None
+        unknown = set(options) - self.option_names()
+        if unknown:
+            raise UnknownOption(f"{type(self).__name__} got unknown option(s) {sorted(unknown)}; "
+                                f"it takes {sorted(self.option_names()) or 'none'}")
         self._setup(**options)
 
     def __repr__(self) -> str:
@@ -606,7 +642,24 @@ class _Endpoint(abc.ABC):
         self.agent_keys.update(keys)
 
     def _setup(self) -> None:
-        """Take the transport's own options (keyword parameters with defaults)."""
+        """Take the transport's own options (keyword parameters with defaults).
+        One that extends another's takes ``**options`` and passes them on."""
+
+    @classmethod
+    @functools.cache
+    def option_names(cls) -> frozenset[str]:
+        """The transport options this class takes (its ``_setup`` keywords)."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            setup = klass.__dict__.get("_setup")
+            if setup is None:
+                continue
+            params = inspect.signature(setup).parameters.values()
+            names.update(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+                         and p.name != "self")
+            if not any(p.kind == p.VAR_KEYWORD for p in params):
+                break
+        return frozenset(names)
 
     @classmethod
     def _client(cls, module: str | None = None) -> Any:
@@ -1074,7 +1127,11 @@ class Consumer(_Endpoint):
                     _current.reset(token)
                 settled = True
                 if message.reply_to is not None:
-                    await self._reply(message, result, None)
+                    try:
+                        await self._reply(message, result, None)
+                    except Exception as exc:  # the requester may be gone; the work itself is done
+                        log.warning("could not send the reply to message %s of %r: %r", message.id,
+                                    self.queue_name, exc)
                 await self._ack(message)
                 return
         except asyncio.CancelledError:
@@ -1586,6 +1643,7 @@ class _RabbitMQEndpoint(_Endpoint):
     """
 
     client = ("aio_pika", "aio-pika")
+    address_option = "url"
 
     def _setup(self, url: str | None = None, host: str | None = None, port: int | str | None = None,
                user: str | None = None, password: str | None = None, vhost: str | None = None,
@@ -2153,6 +2211,426 @@ class HTTPConsumer(Consumer):
 
 
 ###############################################################################
+# Transports: Kafka ###########################################################
+###############################################################################
+
+# The envelope travels in record headers (bytes), beside the message's own headers.
+_K_TYPE, _K_ID, _K_CORRELATION, _K_REPLY_TO = "content-type", "message-id", "correlation-id", "reply-to"
+
+#: Topics known to exist, per bootstrap servers, so each is created once per process.
+_kafka_topics: dict[str, set[str]] = {}
+#: Clusters that refused the idempotent producer, so it is tried once per process.
+_kafka_no_idempotence: set[str] = set()
+
+
+def _kafka_servers(servers: str | Sequence[str] | None) -> list[str]:
+    """``host:port`` bootstrap servers from the option, else ``KAFKA_BOOTSTRAP_SERVERS``,
+    else the legacy ``KAFKA_HOST``, else ``localhost:9092``; a comma-separated list."""
+    raw = servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_HOST") or "localhost:9092"
+    items = [item.strip() for item in (raw.split(",") if isinstance(raw, str) else raw) if item.strip()]
+    if not items:
+        raise ConfigError("bootstrap_servers names no Kafka server: give host:port[,host:port...]")
+    for item in items:
+        host, colon, port = item.rpartition(":")
+        if not colon or not host or "/" in item:
+            raise ConfigError(f"a Kafka bootstrap server is host:port, got {item!r}")
+        _port(f"the port of Kafka bootstrap server {item!r}", port, 1)
+    return items
+
+
+def _kafka_headers(message: Message) -> list[tuple[str, bytes]]:
+    headers = [(_K_TYPE, message.content_type.encode()), (_K_ID, message.id.encode())]
+    if message.correlation_id:
+        headers.append((_K_CORRELATION, message.correlation_id.encode()))
+    if message.reply_to:
+        headers.append((_K_REPLY_TO, message.reply_to.encode()))
+    if message.headers:
+        headers.extend((key, value.encode()) for key, value in _flat_headers(message.headers).items())
+    return headers
+
+
+def _kafka_envelope(record: Any) -> tuple[dict[str, Any], str, str, str | None, str | None]:
+    """(headers, content type, id, correlation id, reply-to) of a record."""
+    raw = {key: value.decode("utf-8", "replace") for key, value in record.headers or ()}
+    content_type = raw.pop(_K_TYPE, BINARY)
+    message_id = raw.pop(_K_ID, None) or f"{record.topic}-{record.partition}-{record.offset}"
+    return _typed_headers(raw), content_type, message_id, raw.pop(_K_CORRELATION, None), raw.pop(_K_REPLY_TO, None)
+
+
+class _KafkaEndpoint(_Endpoint):
+    """The settings and the producing side both Kafka classes share.
+
+    :param bootstrap_servers: ``host:port`` or a list (comma-separated in a
+        string); else ``KAFKA_BOOTSTRAP_SERVERS``, else ``KAFKA_HOST``.
+    :param connect_timeout: how long connecting is retried, then ``ConnectionFailed``.
+    :param send_timeout: how long a send waits for the broker's acknowledgement.
+    :param partitions: partitions of the topics it creates (a topic per queue).
+    :param replication_factor: replicas of the topics it creates (default:
+        as many brokers as the cluster has, at most 3).
+    :param max_request_size: the largest record the producer sends, in bytes.
+    :param security_protocol: ``PLAINTEXT``, ``SSL``, ``SASL_PLAINTEXT`` or ``SASL_SSL``;
+        with ``ssl_context``, ``sasl_mechanism``, ``sasl_plain_username``,
+        ``sasl_plain_password`` (never shown in logs or errors), as aiokafka takes them.
+    """
+
+    client = ("aiokafka", "aiokafka")
+    address_option = "bootstrap_servers"
+
+    def _setup(self, *, bootstrap_servers: str | Sequence[str] | None = None, connect_timeout: float = 30.0,
+               send_timeout: float = 30.0, partitions: int = 4, replication_factor: int | None = None,
+               max_request_size: int = 1048576, security_protocol: str = "PLAINTEXT",
+               ssl_context: ssl.SSLContext | None = None, sasl_mechanism: str | None = None,
+               sasl_plain_username: str | None = None, sasl_plain_password: str | None = None) -> None:
+        self._aiokafka = self._client()
+        self._errors = self._client("aiokafka.errors")
+        self.bootstrap_servers = _kafka_servers(bootstrap_servers)
+        #: The bootstrap servers, for messages (Kafka puts no credentials in them).
+        self.where = ",".join(self.bootstrap_servers)
+        self.connect_timeout = _number("connect_timeout", connect_timeout)
+        self.send_timeout = _number("send_timeout", send_timeout, float, 0.001)
+        self.partitions = _number("partitions", partitions, int, 1)
+        self.replication_factor = None if replication_factor is None else _number(
+            "replication_factor", replication_factor, int, 1)
+        self.max_request_size = _number("max_request_size", max_request_size, int, 1)
+        security = {"security_protocol": security_protocol, "ssl_context": ssl_context,
+                    "sasl_mechanism": sasl_mechanism, "sasl_plain_username": sasl_plain_username,
+                    "sasl_plain_password": sasl_plain_password}
+        self._client_options = {"bootstrap_servers": self.bootstrap_servers,
+                                **{k: v for k, v in security.items() if v is not None}}
+        self._producer: Any = None
+        self._producer_lock: asyncio.Lock | None = None
+
+    async def _start(self, client: Any, what: str, refusals: tuple[type[BaseException], ...] = ()) -> None:
+        """Start an aiokafka client, retrying an unreachable cluster until
+        ``connect_timeout``; then ``ConnectionFailed`` naming the servers.
+        ``refusals`` pass through, for the caller to handle."""
+        for server in self.bootstrap_servers:
+            host, _, port = server.rpartition(":")
+            await _resolve(host.strip("[]"), int(port), f"Kafka bootstrap server {server}")
+        errors = self._errors
+        try:
+            await _retry(client.start, what=f"starting the Kafka {what} at {self.where}",
+                         retry_on=(errors.KafkaConnectionError,), deadline=time.monotonic() + self.connect_timeout,
+                         base=0.25, cap=5.0)
+        except errors.KafkaError as exc:
+            stop = getattr(client, "stop", None) or client.close  # the admin client closes instead
+            await _closing(f"stopping a Kafka client of {self.where}", stop())
+            if isinstance(exc, refusals):
+                raise
+            raise ConnectionFailed(f"cannot connect to Kafka at {self.where} within {self.connect_timeout}s: "
+                                   f"{type(exc).__name__}: {exc}") from None
+
+    async def _ensure_topic(self, topic: str, partitions: int | None = None) -> None:
+        known = _kafka_topics.setdefault(self.where, set())
+        if topic in known:
+            return
+        admin_module = self._client("aiokafka.admin")
+        admin = admin_module.AIOKafkaAdminClient(**self._client_options)
+        await self._start(admin, "admin client")
+        try:
+            replicas = self.replication_factor or min(3, len((await admin.describe_cluster())["brokers"]) or 1)
+            new = admin_module.NewTopic(topic, num_partitions=partitions or self.partitions,
+                                        replication_factor=replicas)
+            response = await admin.create_topics([new])
+            for _, code, *rest in response.topic_errors:
+                if code not in (0, 36):  # 36: it exists already
+                    raise SendError(f"Kafka at {self.where} refused to create topic {topic!r}: "
+                                    f"error {code} {rest[0] if rest else ''}")
+        finally:
+            await _closing(f"closing a Kafka admin client of {self.where}", admin.close())
+        known.add(topic)
+
+    async def _open_producer(self) -> Any:
+        """A started producer with ``acks="all"``, idempotent where the broker
+        supports it (Tansu, for one, refuses ``InitProducerId``)."""
+        options = {**self._client_options, "acks": "all", "max_request_size": self.max_request_size,
+                   "request_timeout_ms": int(self.send_timeout * 1000)}
+        errors = self._errors
+        if self.where not in _kafka_no_idempotence:
+            producer = self._aiokafka.AIOKafkaProducer(enable_idempotence=True, **options)
+            try:
+                await self._start(producer, "producer",
+                                  refusals=(errors.UnknownError, errors.UnsupportedVersionError))
+                return producer
+            except errors.KafkaError as exc:
+                log.info("Kafka at %s refused the idempotent producer (%s); producing with acks=all only",
+                         self.where, type(exc).__name__)
+                _kafka_no_idempotence.add(self.where)
+        producer = self._aiokafka.AIOKafkaProducer(**options)
+        await self._start(producer, "producer")
+        return producer
+
+    async def _produce(self, topic: str, message: Message, key: Any = None, timeout: float | None = None) -> None:
+        """Send one record and wait for the broker's acknowledgement."""
+        if self._producer is None:
+            if self._producer_lock is None:
+                self._producer_lock = asyncio.Lock()
+            async with self._producer_lock:
+                if self._producer is None:
+                    self._producer = await self._open_producer()
+        if isinstance(key, str):
+            key = key.encode()
+        errors = self._errors
+        timeout = self.send_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self._producer.send_and_wait(topic, message.data, key=key, headers=_kafka_headers(message))
+        except errors.MessageSizeTooLargeError:
+            raise SendError(f"the record of {len(message.data)} bytes to {topic!r} is over the size limit "
+                            f"(max_request_size={self.max_request_size}, or the broker's message.max.bytes)") from None
+        except TimeoutError:
+            raise SendError(f"Kafka at {self.where} did not acknowledge the record to {topic!r} "
+                            f"within {timeout}s") from None
+        except errors.KafkaError as exc:
+            raise SendError(f"Kafka at {self.where} did not take the record to {topic!r}: "
+                            f"{type(exc).__name__}: {exc}") from None
+
+    async def _stop_producer(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await _closing(f"stopping a Kafka producer of {self.where}", producer.stop())
+
+
+class KafkaProducer(_KafkaEndpoint, Producer):
+    """Sends records to the topic named after the queue (created with
+    ``partitions`` if missing); ``send`` returns once the broker acknowledged
+    the record with ``acks="all"``. ``send(key=...)`` keeps records of one key
+    in order, in one partition. Requests get their replies on a reply topic of
+    the producer's own, deleted on ``close()``. Options: see :class:`_KafkaEndpoint`."""
+
+    send_flags = frozenset({"key"})
+    tells_redelivery = False
+
+    async def _connect(self) -> None:
+        self._replies_ready: asyncio.Task[str] | None = None
+        self._reply_consumer: Any = None
+        self._reply_pump: asyncio.Task[None] | None = None
+        await self._ensure_topic(self.queue_name)
+        await self._produce_ready()
+
+    async def _produce_ready(self) -> None:
+        self._producer = await self._open_producer()
+
+    async def _disconnect(self) -> None:
+        if self._reply_pump is not None:
+            self._reply_pump.cancel()
+        if self._reply_consumer is not None:
+            await _closing("stopping the Kafka reply consumer", self._reply_consumer.stop())
+            if self._replies_ready is not None and not self._replies_ready.cancelled() \
+                    and self._replies_ready.exception() is None:
+                await self._delete_topic(self._replies_ready.result())
+        await self._stop_producer()
+
+    async def _delete_topic(self, topic: str) -> None:
+        admin = self._client("aiokafka.admin").AIOKafkaAdminClient(**self._client_options)
+        try:
+            await self._start(admin, "admin client")
+            await _closing(f"deleting topic {topic!r}", admin.delete_topics([topic]))
+        except ConnectionFailed as exc:
+            log.debug("could not delete topic %r: %s", topic, exc)
+        finally:
+            await _closing("closing a Kafka admin client", admin.close())
+        _kafka_topics.get(self.where, set()).discard(topic)
+
+    async def _publish(self, message: Message, timeout: float | None, key: Any = None, **flags: Any) -> None:
+        await self._produce(self.queue_name, message, key, timeout)
+
+    async def _reply_address(self) -> str:
+        ready = self._replies_ready
+        if ready is None or (ready.done() and ready.exception() is not None):
+            ready = self._replies_ready = asyncio.ensure_future(self._listen_for_replies())
+        return await asyncio.shield(ready)
+
+    async def _listen_for_replies(self) -> str:
+        topic = f"streamtools.reply.{_new_id()}"
+        await self._ensure_topic(topic, partitions=1)
+        consumer = self._aiokafka.AIOKafkaConsumer(enable_auto_commit=False, auto_offset_reset="earliest",
+                                                   **self._client_options)
+        await self._start(consumer, "reply consumer")
+        consumer.assign([self._aiokafka.TopicPartition(topic, 0)])
+        self._reply_consumer = consumer
+        self._reply_pump = asyncio.create_task(self._pump_replies(consumer))
+        return topic
+
+    async def _pump_replies(self, consumer: Any) -> None:
+        async for record in consumer:
+            headers, content_type, _, correlation_id, _ = _kafka_envelope(record)
+            self._on_reply(correlation_id, record.value or b"", content_type, headers)
+
+
+class _Offsets:
+    """One partition's records in flight: offsets may be committed up to the
+    first record whose handler has not finished (the finished prefix)."""
+
+    __slots__ = ("pending", "finished", "commit")
+
+    def __init__(self) -> None:
+        self.pending: collections.deque[int] = collections.deque()
+        self.finished: set[int] = set()
+        self.commit: int | None = None  # the next offset to read, once committed
+
+    def done(self, offset: int) -> None:
+        self.finished.add(offset)
+        pending, finished = self.pending, self.finished
+        while pending and pending[0] in finished:
+            first = pending.popleft()
+            finished.discard(first)
+            self.commit = first + 1
+
+
+class KafkaConsumer(_KafkaEndpoint, Consumer):
+    """Consumes the queue's topic as one consumer group (every consumer of a
+    queue shares its messages), with up to ``prefetch`` records in flight
+    across partitions. Offsets are committed only for records whose handler
+    returned: each partition's finished prefix, every ``commit_interval``
+    seconds, on rebalance and on ``stop()``. A consumer killed at any moment
+    leaves its uncommitted records to the group.
+
+    :param group: the consumer group (default: the queue name).
+    :param session_timeout: seconds without heartbeats before the group gives
+        this member's partitions to the others.
+    :param commit_interval: seconds between commits of finished records.
+    Takes the options of :class:`KafkaProducer` too.
+    """
+
+    tells_redelivery = False
+
+    def _setup(self, *, group: str | None = None, session_timeout: float = 10.0, commit_interval: float = 0.2,
+               **options: Any) -> None:
+        super()._setup(**options)
+        self.group = group or self.queue_name
+        self.session_timeout = _number("session_timeout", session_timeout, float, 0.1)
+        self.commit_interval = _number("commit_interval", commit_interval, float, 0.001)
+
+    async def _connect(self) -> None:
+        self._partitions: dict[int, _Offsets] = {}
+        self._in_flight = 0
+        self._room = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        await self._ensure_topic(self.queue_name)
+        session_ms = int(self.session_timeout * 1000)
+        self._consumer = self._aiokafka.AIOKafkaConsumer(
+            group_id=self.group, enable_auto_commit=False, auto_offset_reset="earliest",
+            session_timeout_ms=session_ms, heartbeat_interval_ms=max(100, session_ms // 3),
+            max_poll_records=self.prefetch, **self._client_options)
+        self._consumer.subscribe([self.queue_name], listener=self._rebalance_listener())
+        await self._start(self._consumer, f"consumer of group {self.group!r}")
+
+    def _rebalance_listener(self) -> Any:
+        consumer = self
+
+        class Listener(self._client("aiokafka.abc").ConsumerRebalanceListener):  # type: ignore[misc]
+            async def on_partitions_revoked(self, revoked: Any) -> None:
+                await consumer._commit()  # what finished; the rest goes to the partition's new owner
+                for tp in revoked:
+                    consumer._partitions.pop(tp.partition, None)
+
+            async def on_partitions_assigned(self, assigned: Any) -> None:
+                for tp in assigned:
+                    consumer._partitions.setdefault(tp.partition, _Offsets())
+
+        return Listener()
+
+    async def _start_intake(self) -> None:
+        self._tasks = [asyncio.create_task(self._fetch()), asyncio.create_task(self._commit_every())]
+
+    async def _fetch(self) -> None:
+        consumer, errors = self._consumer, self._errors
+        while not self._stopping:
+            room = self.prefetch - self._in_flight
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                batches = await consumer.getmany(timeout_ms=200, max_records=room)
+            except errors.KafkaError as exc:
+                log.warning("fetching from %r on %s failed (%r); retrying", self.queue_name, self.where, exc)
+                await asyncio.sleep(1.0)
+                continue
+            for tp, records in batches.items():
+                offsets = self._partitions.setdefault(tp.partition, _Offsets())
+                for record in records:
+                    offsets.pending.append(record.offset)
+                    self._in_flight += 1
+                    headers, content_type, message_id, correlation_id, reply_to = _kafka_envelope(record)
+                    asyncio.create_task(self._deliver(Message(
+                        data=record.value or b"", content_type=content_type, headers=headers, id=message_id,
+                        queue=self.queue_name, correlation_id=correlation_id, reply_to=reply_to, raw=record)))
+
+    async def _commit_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.commit_interval)
+            await self._commit()
+
+    async def _commit(self) -> None:
+        """Commit each partition's finished prefix that moved since the last commit."""
+        due = {p: o.commit for p, o in self._partitions.items() if o.commit is not None}
+        if not due:
+            return
+        tps = {self._aiokafka.TopicPartition(self.queue_name, p): offset for p, offset in due.items()}
+        try:
+            await self._consumer.commit(tps)
+        except self._errors.KafkaError as exc:  # a rebalance: the partitions' new owners redeliver
+            log.warning("committing offsets of %r on %s failed (%r); uncommitted records are delivered again",
+                        self.queue_name, self.where, exc)
+            return
+        for partition, offset in due.items():
+            offsets = self._partitions.get(partition)
+            if offsets is not None and offsets.commit == offset:
+                offsets.commit = None
+
+    def _settled(self, message: Message, done: bool) -> None:
+        self._in_flight -= 1
+        self._room.set()
+        if done:
+            offsets = self._partitions.get(message.raw.partition)
+            if offsets is not None:  # else revoked: its new owner has the record again
+                offsets.done(message.raw.offset)
+
+    async def _stop_intake(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _disconnect(self) -> None:
+        await self._commit()
+        await _closing(f"leaving group {self.group!r}", self._consumer.stop())
+        await self._stop_producer()
+
+    async def _ack(self, message: Message) -> None:
+        self._settled(message, True)
+
+    async def _requeue(self, message: Message) -> None:
+        # Left uncommitted: the group delivers it again after this consumer is gone.
+        self._settled(message, False)
+
+    async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
+        await self._ensure_topic(self.dead_letter_queue)
+        await self._produce(self.dead_letter_queue, Message(
+            data=message.data, content_type=message.content_type, headers=headers, id=message.id,
+            correlation_id=message.correlation_id))
+
+    async def _reply(self, message: Message, result: Any, error: str | None) -> None:
+        data, content_type, headers = _reply_payload(result, error)
+        await self._produce(message.reply_to or "", Message(
+            data=data, content_type=content_type, headers=headers, id=_new_id(),
+            correlation_id=message.correlation_id))
+
+    async def delete_queues(self) -> None:
+        """Delete the queue's topic and its dead-letter topic."""
+        admin = self._client("aiokafka.admin").AIOKafkaAdminClient(**self._client_options)
+        try:
+            await self._start(admin, "admin client")
+            await _closing(f"deleting the topics of {self.queue_name!r}",
+                           admin.delete_topics([self.queue_name, self.dead_letter_queue]))
+        finally:
+            await _closing("closing a Kafka admin client", admin.close())
+        for topic in (self.queue_name, self.dead_letter_queue):
+            _kafka_topics.get(self.where, set()).discard(topic)
+
+
+###############################################################################
 # Registries ##################################################################
 ###############################################################################
 
@@ -2237,11 +2715,13 @@ def register_transport(name: str, producer_cls: type[Producer], consumer_cls: ty
 register_transport(MEMORY, MemoryProducer, MemoryConsumer, aliases=("memory", "asyncio", "inproc"))
 register_transport(RABBITMQ, RabbitMQProducer, RabbitMQConsumer, aliases=("rabbitmq", "rmq", "amqp"))
 register_transport(HTTP, HTTPProducer, HTTPConsumer, aliases=("http", "posthandler"))
+register_transport(KAFKA, KafkaProducer, KafkaConsumer, aliases=("kafka",))
 
 # The legacy library's class names.
 AsyncIOProducer, AsyncIOConsumerLoop = MemoryProducer, MemoryConsumer
 RMQIOProducer, RMQIOConsumerLoop = RabbitMQProducer, RabbitMQConsumer
 HTTPConsumerLoop = HTTPConsumer
+KafkaConsumerLoop = KafkaConsumer
 
 #: The legacy package's modules: each is this module under that name.
 _LEGACY_MODULES = ("constants", "consumers", "factories", "libs", "producers", "queues")
@@ -2640,11 +3120,17 @@ class ConsumerRunner:
                 consumer.ssl_context = self.ssl_context  # type: ignore[attr-defined]
         started: list[Consumer] = []
         try:
-            for consumer in self.consumers:
-                await consumer.start()
-                started.append(consumer)
+            for consumer in self.consumers:  # one by one: the first creates the shared server
                 if consumer.listens:
+                    await consumer.start()
+                    started.append(consumer)
                     self.port = consumer.port = consumer._server.port  # type: ignore[attr-defined]
+            others = [c for c in self.consumers if not c.listens]
+            results = await asyncio.gather(*(c.start() for c in others), return_exceptions=True)
+            started += [c for c, result in zip(others, results) if result is None]
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
         except BaseException:
             await asyncio.gather(*(c.stop() for c in started), return_exceptions=True)
             await self._release_server()
@@ -2835,13 +3321,16 @@ def _printable(message: Message) -> dict[str, Any]:
 
 
 #: CLI options passed to a transport that takes them (its ``_setup`` says).
-_CLI_OPTIONS = ("url", "endpoint", "host", "port", "connect_timeout")
+_CLI_OPTIONS = ("endpoint", "host", "port", "connect_timeout")
 
 
 def _transport_options(args: argparse.Namespace, cls: type[Producer] | type[Consumer]) -> dict[str, Any]:
-    takes = inspect.signature(cls._setup).parameters
-    return {name: getattr(args, name) for name in _CLI_OPTIONS
-            if name in takes and getattr(args, name, None) is not None}
+    takes = cls.option_names()
+    options = {name: getattr(args, name) for name in _CLI_OPTIONS
+               if name in takes and getattr(args, name, None) is not None}
+    if getattr(args, "url", None) and cls.address_option:  # --url is the broker's address
+        options[cls.address_option] = args.url
+    return options
 
 
 async def _cli_send(args: argparse.Namespace) -> int:
@@ -2966,7 +3455,7 @@ async def _cli_demo(args: argparse.Namespace) -> int:
 
     runner = ConsumerRunner(consumers=[pricing, orders, notifications], **place)
     try:
-        await _demo(runner, kind, to, done)
+        await _demo(runner, kind, to, done, _transport_options(args, PRODUCERS[kind]))
     finally:
         for consumer in runner.consumers:  # leave nothing behind on a broker
             await consumer.delete_queues()
@@ -2974,11 +3463,12 @@ async def _cli_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _demo(runner: ConsumerRunner, kind: str, to: dict[str, Producer], done: asyncio.Event) -> None:
+async def _demo(runner: ConsumerRunner, kind: str, to: dict[str, Producer], done: asyncio.Event,
+                options: dict[str, Any]) -> None:
     async with runner:
         for consumer in runner.consumers:
             to[consumer.queue_name.rpartition(".")[2]] = PRODUCERS[kind](
-                consumer.queue_name, **consumer._producer_options())
+                consumer.queue_name, **{**options, **consumer._producer_options()})
         try:
             print(f"demo on the {kind} transport: orders -> pricing (request/reply) -> notifications")
             for number, (item, quantity) in enumerate([("apple", 4), ("pear", 2), ("plum", 10)], 1):
@@ -3024,7 +3514,8 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(word_names=slots)
 
     def broker_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--url", help="broker URL (RabbitMQ: default from RMQ_URL / RMQ_HOST...)")
+        sub.add_argument("--url", help="the broker's address: RabbitMQ URL (default from RMQ_URL / RMQ_HOST...), "
+                                       "Kafka bootstrap servers (KAFKA_BOOTSTRAP_SERVERS)")
         sub.add_argument("--connect-timeout", type=float, metavar="SECONDS",
                          help="how long to try connecting to a broker (default 30)")
 
