@@ -1536,6 +1536,115 @@ class TestHTTP:
 
 
 ###############################################################################
+# Transports: Kafka ###########################################################
+###############################################################################
+
+
+@pytest.fixture
+async def kafka() -> Any:
+    kit = Kit(KAFKA)
+    yield kit
+    await kit.close()
+
+
+class TestKafka:
+    async def test_an_unreachable_bootstrap_server_is_named(self) -> None:
+        pytest.importorskip("aiokafka")
+        port = free_port()  # nothing listens there
+        producer = PRODUCERS[KAFKA]("q", bootstrap_servers=f"127.0.0.1:{port}", connect_timeout=1.5)
+        began = time.monotonic()
+        with pytest.raises(streamtools.ConnectionFailed, match=f"Kafka at 127.0.0.1:{port} within 1.5s"):
+            await producer.a_init()
+        assert time.monotonic() - began < 10
+
+    def test_bad_config_says_what_to_fix(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        pytest.importorskip("aiokafka")
+        with pytest.raises(streamtools.ConfigError, match="host:port, got 'no-port'"):
+            PRODUCERS[KAFKA]("q", bootstrap_servers="no-port")
+        with pytest.raises(streamtools.UnknownOption, match="sessions_timeout.*session_timeout"):
+            CONSUMER_LOOPS[KAFKA]("q", sessions_timeout=1)
+        with pytest.raises(streamtools.UnknownOption, match="group"):
+            PRODUCERS[KAFKA]("q", group="consumers-only")
+        monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+        monkeypatch.setenv("KAFKA_HOST", "k1:9092,k2:9093")  # the legacy variable
+        assert PRODUCERS[KAFKA]("q").bootstrap_servers == ["k1:9092", "k2:9093"]
+        monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "k3:9094")
+        assert CONSUMER_LOOPS[KAFKA]("q").bootstrap_servers == ["k3:9094"]
+
+    async def test_a_record_over_the_size_limit_is_refused_and_the_producer_goes_on(self, kafka: Kit) -> None:
+        got: list[Any] = []
+        consumer = kafka.consumer()
+        consumer()(got.append)
+        await consumer.start()
+        producer = await kafka.producer(consumer, max_request_size=2000)
+        with pytest.raises(streamtools.SendError, match="5000 bytes .* over the size limit .*max_request_size=2000"):
+            await producer.send(b"x" * 5000)
+        await producer.send("small")
+        await until(lambda: got, timeout=20, what="the small message")
+        assert got == ["small"]
+
+    async def test_records_of_one_key_keep_their_order(self, kafka: Kit) -> None:
+        seen: list[tuple[int, int]] = []
+        consumer = kafka.consumer(prefetch=1)
+        consumer()(lambda msg: seen.append((msg, current_message().raw.partition)))
+        await consumer.start()
+        producer = await kafka.producer(consumer)
+        await asyncio.gather(*(producer.send(i, key="order-7") for i in range(40)))
+        await until(lambda: len(seen) == 40, timeout=30, what="40 records")
+        assert [n for n, _ in seen] == list(range(40)) and len({p for _, p in seen}) == 1
+
+    async def test_a_group_member_leaving_mid_stream_loses_nothing(self, kafka: Kit) -> None:
+        handled: dict[str, list[int]] = {"a": [], "b": []}
+        members = {}
+        for name in ("a", "b"):
+            member = kafka.consumer(prefetch=8)
+
+            async def handle(msg: int, name: str = name) -> None:
+                await asyncio.sleep(0.005)
+                handled[name].append(msg)
+
+            member()(handle)
+            members[name] = member
+        await members["a"].start()
+        await members["b"].start()
+        await until(lambda: all(m._consumer.assignment() for m in members.values()), timeout=20,
+                    what="both members to get partitions")
+        producer = await kafka.producer()
+        await asyncio.gather(*(producer.send(i, key=str(i)) for i in range(400)))
+        await until(lambda: len(handled["a"]) > 20, timeout=20, what="member a to handle some")
+        await members["a"].stop()  # commits what it finished; its partitions go to b
+        await until(lambda: set(handled["a"]) | set(handled["b"]) == set(range(400)), timeout=60,
+                    what="every record, after a left")
+        assert handled["a"] and handled["b"]
+
+    async def test_an_http_front_for_a_kafka_queue(self, kafka: Kit, http: Kit) -> None:
+        """The legacy README's mixing of queue types: producing over HTTP to a
+        service that puts the messages on Kafka, consumed from Kafka."""
+        gateway = http.consumer("gateway")
+        forward = await kafka.producer()
+
+        @gateway()
+        async def to_kafka(msg: Any) -> None:
+            await forward.send(msg)
+
+        await gateway.start()
+        factory = streamtools.HandlerFactory(
+            {"orders": {"name": kafka.queue, "consumer_loop": "KafkaHandler", "producer": "HTTPHandler"}},
+            consumer_options={**kafka.options(), **kafka.consumer_extra},
+            producer_options={"endpoint": gateway.url})
+        handle = factory["orders"]
+        got: list[Any] = []
+        handle()(got.append)
+        assert handle.consumer is not None and handle.producer is not None
+        kafka.consumers.append(handle.consumer)
+        http.producers.append(handle.producer)
+        await handle.consumer.start()
+        await handle.send({"order": 1})
+        await until(lambda: got, timeout=20, what="the order through HTTP and Kafka")
+        assert got == [{"order": 1}] and handle.types == (KAFKA, HTTP)
+
+
+###############################################################################
 # Helpers: the legacy README's usage ##########################################
 ###############################################################################
 
