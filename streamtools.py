@@ -34,6 +34,7 @@ __all__ = [
     "AsyncIOConsumerLoop",
     "AsyncIOProducer",
     "BINARY",
+    "BatchSendError",
     "CONSUMERS",
     "CONSUMER_LOOPS",
     "ConfigError",
@@ -251,6 +252,15 @@ class ConnectionFailed(StreamtoolsError, ConnectionError):
 
 class SendError(StreamtoolsError):
     """The transport did not take responsibility for a message."""
+
+
+class BatchSendError(SendError):
+    """Some messages of a ``send_many`` were not sent; ``failed`` maps their
+    indices to the errors. The others were sent."""
+
+    def __init__(self, message: str, failed: dict[int, BaseException]) -> None:
+        super().__init__(message)
+        self.failed = failed
 
 
 class Unroutable(SendError):
@@ -771,6 +781,37 @@ class Producer(_Endpoint):
             await self._ensure_open()
         return await self._request(message, timeout, **flags)
 
+    async def send_many(self, messages: Iterable[Any], *, headers_tag: str | None = None,
+                        content_type: str | None = None, headers: Mapping[str, Any] | None = None,
+                        timeout: float | None = None, **flags: Any) -> list[Any]:
+        """Send every message of ``messages``, pipelined, and return once each
+        one is confirmed (the results of ``send``, in order). The keywords
+        apply to each message. Every message is encoded before any is sent.
+
+        :raises BatchSendError: some were not sent; its ``failed`` maps their
+            indices to the errors, and every other message was sent.
+        """
+        if flags:
+            flags = _check_flags(flags, self.send_flags, f"{type(self).__name__}.send_many()")
+        if timeout is not None:
+            timeout = _number("timeout", timeout, float, 0.001)
+        batch = [self._message(body, headers_tag, None, content_type, headers, None) for body in messages]
+        if not self._ready:
+            await self._ensure_open()
+        results = await self._publish_many(batch, timeout, **flags)
+        failed = {i: result for i, result in enumerate(results) if isinstance(result, BaseException)}
+        if failed:
+            first = next(iter(failed.values()))
+            raise BatchSendError(f"{len(failed)} of {len(batch)} messages to {self.queue_name!r} were not sent "
+                                 f"(indices {sorted(failed)[:20]}{'...' if len(failed) > 20 else ''}): {first}",
+                                 failed)
+        return results
+
+    async def _publish_many(self, batch: list[Message], timeout: float | None, **flags: Any) -> list[Any]:
+        """Publish a batch; each result or exception in order. By default the
+        sends run concurrently, so their confirms pipeline."""
+        return await asyncio.gather(*(self._publish(m, timeout, **flags) for m in batch), return_exceptions=True)
+
     async def _request(self, message: Message, timeout: float, **flags: Any) -> Any:
         """Publish with a reply address and wait for the reply the transport
         hands to ``_on_reply``. Synchronous transports override this."""
@@ -903,6 +944,55 @@ def _as_handler(fn: Callable[..., Any], queue: str) -> _Handler:
     return in_thread
 
 
+class _Inbox:
+    """Messages a pulling transport received, waiting for a consumer's worker
+    tasks. One worker wakes at a time: it runs through the inbox without
+    yielding while its handlers finish at once, and wakes the next worker
+    before each message while more are waiting, so concurrency follows need
+    instead of costing a task switch per message."""
+
+    __slots__ = ("items", "idle", "waking")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[Any] = collections.deque()
+        self.idle: collections.deque[asyncio.Future[None]] = collections.deque()
+        self.waking = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def put(self, item: Any) -> None:
+        self.items.append(item)
+        if not self.waking and self.idle:
+            self.wake()
+
+    def put_many(self, items: Iterable[Any]) -> None:
+        self.items.extend(items)
+        if not self.waking and self.idle:
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake one idle worker, unless one is waking already."""
+        while not self.waking and self.idle:
+            waiter = self.idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self.waking += 1
+
+    async def wait(self) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.idle.append(waiter)
+        try:
+            await waiter
+        finally:
+            if waiter.done() and not waiter.cancelled():
+                self.waking -= 1
+                if self.items:  # woken, then cancelled before running: pass the wake on
+                    self.wake()
+            elif waiter in self.idle:
+                self.idle.remove(waiter)
+
+
 class Consumer(_Endpoint):
     """Receives the messages of one queue and hands each to a handler.
 
@@ -944,6 +1034,7 @@ class Consumer(_Endpoint):
         self._handlers: dict[str, tuple[Callable[..., Any], _Handler]] = {}
         self._unbound: dict[str, Callable[..., Any]] = {}  # methods whose class has no instance yet
         self._active: set[asyncio.Task[Any]] = set()
+        self._workers: list[asyncio.Task[None]] = []
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._running = False
         self._stopping = False
@@ -1145,6 +1236,30 @@ class Consumer(_Endpoint):
                 if not waiter.done():
                     waiter.set_result(None)
 
+    def _start_workers(self, inbox: _Inbox, received: Callable[[Any], Message] | None = None) -> None:
+        """Deliver what a pulling transport puts in ``inbox`` (turned into a
+        Message by ``received``) with ``prefetch`` worker tasks: far cheaper
+        than a task per message."""
+        self._workers = [asyncio.create_task(self._work(inbox, received)) for _ in range(self.prefetch)]
+
+    async def _work(self, inbox: _Inbox, received: Callable[[Any], Message] | None) -> None:
+        items, deliver = inbox.items, self._deliver
+        while not self._stopping:
+            if not items:
+                await inbox.wait()
+                continue
+            item = items.popleft()
+            if items:
+                inbox.wake()  # more are waiting: another worker takes them if this handler has to wait
+            await deliver(received(item) if received is not None else item)
+
+    async def _stop_workers(self) -> None:
+        """Stop the workers waiting for messages; busy ones finish (the drain)."""
+        idle = [worker for worker in self._workers if worker not in self._active]
+        for worker in idle:  # waiting in inbox.wait(), which gives up nothing when cancelled
+            worker.cancel()
+        await asyncio.gather(*idle, return_exceptions=True)
+
     async def _free_slot(self) -> None:
         """Wait until fewer than ``prefetch`` messages are in flight (transports
         whose intake is not bounded by the broker, such as HTTP, get here)."""
@@ -1233,14 +1348,14 @@ class _MemoryBroker:
     """Queues by name and pending replies, one broker per event loop."""
 
     def __init__(self) -> None:
-        self.queues: dict[str, asyncio.Queue[Message]] = {}
+        self.queues: dict[str, _Inbox] = {}
         #: Producers waiting for replies, by the reply address they gave.
         self.producers: weakref.WeakValueDictionary[int, Producer] = weakref.WeakValueDictionary()
 
-    def queue(self, name: str) -> asyncio.Queue[Message]:
+    def queue(self, name: str) -> _Inbox:
         queue = self.queues.get(name)
         if queue is None:
-            queue = self.queues[name] = asyncio.Queue()
+            queue = self.queues[name] = _Inbox()
         return queue
 
 
@@ -1272,7 +1387,7 @@ class MemoryProducer(Producer):
     async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
         if self._loop is not asyncio.get_running_loop():  # reused under a new asyncio.run()
             await self._connect()
-        self._queue.put_nowait(message)
+        self._queue.put(message)
 
     async def _reply_address(self) -> str:
         if self._loop is not asyncio.get_running_loop():
@@ -1289,38 +1404,29 @@ class MemoryConsumer(Consumer):
     async def _connect(self) -> None:
         self._broker = _memory_broker()
         self._queue = self._broker.queue(self.queue_name)
-        self._workers: list[asyncio.Task[None]] = []
 
     async def _disconnect(self) -> None:
         """Nothing to release: the broker belongs to the event loop."""
 
     async def _start_intake(self) -> None:
-        self._workers = [asyncio.create_task(self._work()) for _ in range(self.prefetch)]
-
-    async def _work(self) -> None:
-        queue = self._queue
-        while not self._stopping:
-            # The enqueued Message is delivered as it is: its producer is done with it, and
-            # _deliver decodes a fresh body from its bytes.
-            await self._deliver(await queue.get())
+        # The enqueued Message is delivered as it is: its producer is done with it, and
+        # _deliver decodes a fresh body from its bytes.
+        self._start_workers(self._queue)
 
     async def _stop_intake(self) -> None:
-        idle = [worker for worker in self._workers if worker not in self._active]
-        for worker in idle:  # waiting in queue.get(), which gives up nothing when cancelled
-            worker.cancel()
-        await asyncio.gather(*idle, return_exceptions=True)
+        await self._stop_workers()
 
     async def _ack(self, message: Message) -> None:
         """Nothing to do: a message taken off the queue is gone from it."""
 
     async def _requeue(self, message: Message) -> None:
         message.redelivered = True
-        self._queue.put_nowait(message)
+        self._queue.put(message)
 
     async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
         dead = Message(data=message.data, content_type=message.content_type, headers=headers, id=message.id,
                        queue=self.dead_letter_queue, correlation_id=message.correlation_id)
-        self._broker.queue(self.dead_letter_queue).put_nowait(dead)
+        self._broker.queue(self.dead_letter_queue).put(dead)
 
     async def _reply(self, message: Message, result: Any, error: str | None) -> None:
         producer = self._broker.producers.get(int(message.reply_to or 0))
@@ -2251,10 +2357,23 @@ def _kafka_headers(message: Message) -> list[tuple[str, bytes]]:
 
 def _kafka_envelope(record: Any) -> tuple[dict[str, Any], str, str, str | None, str | None]:
     """(headers, content type, id, correlation id, reply-to) of a record."""
-    raw = {key: value.decode("utf-8", "replace") for key, value in record.headers or ()}
-    content_type = raw.pop(_K_TYPE, BINARY)
-    message_id = raw.pop(_K_ID, None) or f"{record.topic}-{record.partition}-{record.offset}"
-    return _typed_headers(raw), content_type, message_id, raw.pop(_K_CORRELATION, None), raw.pop(_K_REPLY_TO, None)
+    headers: dict[str, Any] = {}
+    content_type, message_id, correlation_id, reply_to = BINARY, "", None, None
+    for key, value in record.headers or ():  # one pass: this runs for every record
+        if key == _K_TYPE:
+            content_type = value.decode()
+        elif key == _K_ID:
+            message_id = value.decode()
+        elif key == _K_CORRELATION:
+            correlation_id = value.decode()
+        elif key == _K_REPLY_TO:
+            reply_to = value.decode()
+        else:
+            headers[key] = value.decode("utf-8", "replace")
+    if _TYPED in headers:
+        headers = _typed_headers(headers)
+    return (headers, content_type, message_id or f"{record.topic}-{record.partition}-{record.offset}",
+            correlation_id, reply_to)
 
 
 class _KafkaEndpoint(_Endpoint):
@@ -2362,6 +2481,18 @@ class _KafkaEndpoint(_Endpoint):
 
     async def _produce(self, topic: str, message: Message, key: Any = None, timeout: float | None = None) -> None:
         """Send one record and wait for the broker's acknowledgement."""
+        if timeout is None:  # aiokafka bounds it by request_timeout_ms, which is send_timeout
+            await self._acked(topic, message, await self._enqueue(topic, message, key))
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await self._acked(topic, message, await self._enqueue(topic, message, key))
+        except TimeoutError:
+            raise SendError(f"Kafka at {self.where} did not acknowledge the record to {topic!r} "
+                            f"within {timeout}s") from None
+
+    async def _enqueue(self, topic: str, message: Message, key: Any = None) -> Any:
+        """Hand a record to the producer's batch; return the future of its acknowledgement."""
         if self._producer is None:
             if self._producer_lock is None:
                 self._producer_lock = asyncio.Lock()
@@ -2370,20 +2501,25 @@ class _KafkaEndpoint(_Endpoint):
                     self._producer = await self._open_producer()
         if isinstance(key, str):
             key = key.encode()
-        errors = self._errors
-        timeout = self.send_timeout if timeout is None else timeout
         try:
-            async with asyncio.timeout(timeout):
-                await self._producer.send_and_wait(topic, message.data, key=key, headers=_kafka_headers(message))
-        except errors.MessageSizeTooLargeError:
-            raise SendError(f"the record of {len(message.data)} bytes to {topic!r} is over the size limit "
-                            f"(max_request_size={self.max_request_size}, or the broker's message.max.bytes)") from None
-        except TimeoutError:
-            raise SendError(f"Kafka at {self.where} did not acknowledge the record to {topic!r} "
-                            f"within {timeout}s") from None
-        except errors.KafkaError as exc:
-            raise SendError(f"Kafka at {self.where} did not take the record to {topic!r}: "
-                            f"{type(exc).__name__}: {exc}") from None
+            return await self._producer.send(topic, message.data, key=key, headers=_kafka_headers(message))
+        except self._errors.KafkaError as exc:
+            raise self._send_error(topic, message, exc) from None
+
+    async def _acked(self, topic: str, message: Message, acked: Any) -> None:
+        try:
+            await acked
+        except self._errors.KafkaError as exc:
+            raise self._send_error(topic, message, exc) from None
+
+    def _send_error(self, topic: str, message: Message, exc: BaseException) -> SendError:
+        if isinstance(exc, self._errors.MessageSizeTooLargeError):
+            return SendError(f"the record of {len(message.data)} bytes to {topic!r} is over the size limit "
+                             f"(max_request_size={self.max_request_size}, or the broker's message.max.bytes)")
+        if isinstance(exc, self._errors.KafkaTimeoutError):
+            return SendError(f"Kafka at {self.where} did not acknowledge the record to {topic!r} "
+                             f"within {self.send_timeout}s")
+        return SendError(f"Kafka at {self.where} did not take the record to {topic!r}: {type(exc).__name__}: {exc}")
 
     async def _stop_producer(self) -> None:
         if self._producer is not None:
@@ -2434,6 +2570,34 @@ class KafkaProducer(_KafkaEndpoint, Producer):
 
     async def _publish(self, message: Message, timeout: float | None, key: Any = None, **flags: Any) -> None:
         await self._produce(self.queue_name, message, key, timeout)
+
+    async def _publish_many(self, batch: list[Message], timeout: float | None, key: Any = None,
+                            **flags: Any) -> list[Any]:
+        # Every record into the producer's batches first, then wait for the acknowledgements together.
+        topic, acks = self.queue_name, []
+        for message in batch:
+            try:
+                acks.append(await self._enqueue(topic, message, key))
+            except SendError as exc:
+                acks.append(exc)
+
+        futures = [ack for ack in acks if not isinstance(ack, BaseException)]
+        try:
+            if timeout is None:
+                outcomes = iter(await asyncio.gather(*futures, return_exceptions=True))
+            else:
+                async with asyncio.timeout(timeout):
+                    outcomes = iter(await asyncio.gather(*futures, return_exceptions=True))
+        except TimeoutError:
+            raise SendError(f"Kafka at {self.where} did not acknowledge {len(batch)} records to {topic!r} "
+                            f"within {timeout}s") from None
+        results: list[Any] = []
+        for message, ack in zip(batch, acks):
+            outcome = ack if isinstance(ack, BaseException) else next(outcomes)
+            if isinstance(outcome, self._errors.KafkaError):
+                outcome = self._send_error(topic, message, outcome)
+            results.append(outcome if isinstance(outcome, BaseException) else None)
+        return results
 
     async def _reply_address(self) -> str:
         ready = self._replies_ready
@@ -2532,13 +2696,21 @@ class KafkaConsumer(_KafkaEndpoint, Consumer):
         return Listener()
 
     async def _start_intake(self) -> None:
+        self._inbox = _Inbox()
+        self._start_workers(self._inbox, self._received)
         self._tasks = [asyncio.create_task(self._fetch()), asyncio.create_task(self._commit_every())]
+
+    def _received(self, record: Any) -> Message:
+        headers, content_type, message_id, correlation_id, reply_to = _kafka_envelope(record)
+        return Message(data=record.value or b"", content_type=content_type, headers=headers, id=message_id,
+                       queue=self.queue_name, correlation_id=correlation_id, reply_to=reply_to, raw=record)
 
     async def _fetch(self) -> None:
         consumer, errors = self._consumer, self._errors
+        low_water = max(1, self.prefetch // 4)  # fetch in batches, not a record per finished handler
         while not self._stopping:
             room = self.prefetch - self._in_flight
-            if room <= 0:
+            if room < low_water:
                 self._room.clear()
                 await self._room.wait()
                 continue
@@ -2549,14 +2721,9 @@ class KafkaConsumer(_KafkaEndpoint, Consumer):
                 await asyncio.sleep(1.0)
                 continue
             for tp, records in batches.items():
-                offsets = self._partitions.setdefault(tp.partition, _Offsets())
-                for record in records:
-                    offsets.pending.append(record.offset)
-                    self._in_flight += 1
-                    headers, content_type, message_id, correlation_id, reply_to = _kafka_envelope(record)
-                    asyncio.create_task(self._deliver(Message(
-                        data=record.value or b"", content_type=content_type, headers=headers, id=message_id,
-                        queue=self.queue_name, correlation_id=correlation_id, reply_to=reply_to, raw=record)))
+                self._partitions.setdefault(tp.partition, _Offsets()).pending.extend(r.offset for r in records)
+                self._inbox.put_many(records)
+                self._in_flight += len(records)
 
     async def _commit_every(self) -> None:
         while True:
@@ -2592,6 +2759,8 @@ class KafkaConsumer(_KafkaEndpoint, Consumer):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Records fetched but not started stay uncommitted: the group delivers them again.
+        await self._stop_workers()
 
     async def _disconnect(self) -> None:
         await self._commit()

