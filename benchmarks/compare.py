@@ -217,7 +217,7 @@ async def streamtools_kafka(msgs: list[dict[str, Any]]) -> float:
     topic = f"bench-st-{uuid.uuid4().hex[:8]}"
     done = asyncio.Event()
     handled = 0
-    consumer = streamtools.KafkaConsumer(topic, prefetch=256, session_timeout=1.0, **KAFKA)
+    consumer = streamtools.KafkaConsumer(topic, prefetch=500, session_timeout=1.0, **KAFKA)
 
     @consumer()
     async def handle(msg: Any) -> None:
