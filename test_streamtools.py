@@ -1819,6 +1819,178 @@ class TestNATS:
 
 
 ###############################################################################
+# Transports: Redis Streams ###################################################
+###############################################################################
+
+
+@pytest.fixture
+async def redis_kit() -> Any:
+    kit = Kit(REDIS)
+    yield kit
+    await kit.close()
+
+
+@contextlib.contextmanager
+def own_redis(tmp_path: Path, *args: str) -> Iterator[int]:
+    """A redis-server of the test's own on a free loopback port, stopped by its PID."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed here")
+    port = free_port()
+    server = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
+                               "--save", "", *args], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "redis-server did not start"
+                time.sleep(0.05)
+        yield port
+    finally:
+        server.kill()
+        server.wait()
+
+
+class TestRedis:
+    async def test_an_unreachable_server_is_named(self) -> None:
+        pytest.importorskip("redis")
+        port = free_port()
+        producer = PRODUCERS[REDIS]("q", url=f"redis://:s3cret@127.0.0.1:{port}/0", connect_timeout=1.5)
+        began = time.monotonic()
+        with pytest.raises(streamtools.ConnectionFailed, match=f"Redis at 127.0.0.1:{port} within 1.5s") as info:
+            await producer.a_init()
+        assert time.monotonic() - began < 10 and "s3cret" not in str(info.value)
+
+    def test_bad_config_says_what_to_fix(self) -> None:
+        pytest.importorskip("redis")
+        with pytest.raises(streamtools.ConfigError, match="redis://") as info:
+            PRODUCERS[REDIS]("q", url="http://user:s3cret@127.0.0.1:6379")
+        assert "s3cret" not in str(info.value)
+        with pytest.raises(streamtools.ConfigError, match="maxlen must be at least 1"):
+            PRODUCERS[REDIS]("q", maxlen=0)
+
+    async def test_maxlen_trims_the_stream(self, redis_kit: Kit) -> None:
+        producer = await redis_kit.producer(maxlen=100)
+        await producer.send_many(range(2000))
+        import redis.asyncio
+        r = redis.asyncio.Redis.from_url(redis_kit.options()["url"])
+        try:
+            length = await r.xlen(f"streamtools:{redis_kit.queue}")
+        finally:
+            await r.aclose()
+        assert 100 <= length < 2000  # approximately: Redis trims whole nodes
+
+    async def test_retries_wait_without_holding_a_slot(self, redis_kit: Kit) -> None:
+        handled: list[tuple[Any, int]] = []
+        consumer = redis_kit.consumer(prefetch=1, max_retries=1, retry_backoff=3.0, retry_backoff_max=3.0)
+
+        @consumer()
+        async def work(msg: Any) -> None:
+            if msg == "poison" and current_message().attempt == 1:
+                raise ValueError("not yet")
+            handled.append((msg, current_message().attempt))
+
+        await consumer.start()
+        producer = await redis_kit.producer(consumer)
+        await producer.send("poison")
+        await asyncio.sleep(0.3)
+        began = time.monotonic()
+        await producer.send("good")
+        await until(lambda: ("good", 1) in handled, what="the good message")
+        assert time.monotonic() - began < 1.0
+        await until(lambda: ("poison", 2) in handled, timeout=10, what="the retried message, attempt 2")
+
+    async def test_a_restarted_member_takes_back_its_own_entries_first(self, redis_kit: Kit, tmp_path: Path) -> None:
+        log_file = tmp_path / "seen.txt"
+        script = f"""
+            import asyncio, streamtools
+            async def main():
+                consumer = streamtools.CONSUMERS["redis"]({redis_kit.queue!r}, url={redis_kit.options()["url"]!r},
+                                                          consumer_name="worker-1", claim_idle=600, prefetch=10)
+                out = open({str(log_file)!r}, "a")
+                @consumer()
+                async def handle(msg):
+                    await asyncio.sleep(0.01)
+                    out.write(f"{{msg}}\\n"); out.flush()
+                async with consumer:
+                    await asyncio.Event().wait()
+            asyncio.run(main())
+        """
+        producer = await redis_kit.producer()
+        await producer.send_many(range(300))
+
+        def seen() -> set[int]:
+            return {int(line) for line in log_file.read_text().split()} if log_file.exists() else set()
+
+        child = await spawn(script, tmp_path)
+        await until(lambda: len(seen()) > 50, timeout=30, what="the child to consume")
+        child.kill()
+        await child.wait()
+        assert len(seen()) < 300
+        child = await spawn(script, tmp_path)  # the same name; claim_idle is far: only its own pending list helps
+        try:
+            await until(lambda: seen() == set(range(300)), timeout=30, what="every entry after the restart")
+        finally:
+            child.kill()
+            await child.wait()
+
+    async def test_confirmed_messages_survive_a_restart_with_aof(self, tmp_path: Path) -> None:
+        pytest.importorskip("redis")
+        with own_redis(tmp_path, "--appendonly", "yes", "--appendfsync", "always") as port:
+            url = f"redis://127.0.0.1:{port}/0"
+            async with PRODUCERS[REDIS]("durable", url=url) as producer:
+                await producer.send_many(range(200))
+        with own_redis(tmp_path, "--appendonly", "yes", "--appendfsync", "always") as port:  # after kill -9
+            url = f"redis://127.0.0.1:{port}/0"
+            got: set[int] = set()
+            consumer = CONSUMER_LOOPS[REDIS]("durable", url=url)
+            consumer()(got.add)
+            async with consumer:
+                await until(lambda: got == set(range(200)), timeout=20, what="every confirmed message")
+
+    async def test_dropped_connections_lose_no_confirmed_message(self, redis_kit: Kit) -> None:
+        got: set[int] = set()
+        async with TcpProxy(6379) as proxy:
+            url = f"redis://127.0.0.1:{proxy.port}/0"
+            consumer = redis_kit.consumer(url=url, prefetch=16)
+
+            async def handle(msg: int) -> None:
+                await asyncio.sleep(0.002)
+                got.add(msg)
+
+            consumer()(handle)
+            await consumer.start()
+            producer = await redis_kit.producer(consumer, url=url)
+            confirmed: list[int] = []
+
+            async def send_all() -> None:
+                for i in range(300):
+                    try:
+                        await producer.send(i)
+                        confirmed.append(i)
+                    except streamtools.SendError:
+                        pass
+
+            sending = asyncio.ensure_future(send_all())
+            for _ in range(3):
+                await asyncio.sleep(0.3)
+                proxy.drop()
+            await sending
+            assert len(confirmed) > 250
+            await until(lambda: got >= set(confirmed), timeout=60, what="every confirmed message")
+            bounded = await redis_kit.producer(url=url, send_timeout=1.5)
+            proxy.refusing = True
+            proxy.drop()
+            began = time.monotonic()
+            with pytest.raises(streamtools.SendError, match="within 1.5s"):
+                await bounded.send("during the outage")
+            assert time.monotonic() - began < 5
+
+
+###############################################################################
 # Helpers: the legacy README's usage ##########################################
 ###############################################################################
 
