@@ -24,6 +24,10 @@ the ratio of the medians, so machine noise hits both sides alike.
   raw nats-py written well: publish_async pipelining batches of 500, a
   durable pull consumer fetching 500 at a time, an ack per message. NATS
   with JetStream on 127.0.0.1:4222 (--nats URL to change it).
+- redis: 20,000 such messages through a stream, XADD -> XREADGROUP -> XACK,
+  one process, streamtools with send_many() in batches of 500, against raw
+  redis-py written well: XADD pipelined 500 at a time, XREADGROUP with COUNT
+  500, an XACK per message. Redis on 127.0.0.1:6379 (--redis URL to change it).
 - http: 5,000 JSON POSTs at concurrency 50: the streamtools producer against
   raw aiohttp with one pooled ClientSession (both to the same plain aiohttp
   server), and the streamtools consumer against a plain aiohttp handler (both
@@ -339,6 +343,68 @@ async def streamtools_nats(msgs: list[dict[str, Any]]) -> float:
 
 
 ###############################################################################
+# redis #######################################################################
+###############################################################################
+
+REDIS_URL = {"url": "redis://127.0.0.1:6379/0"}
+
+
+async def raw_redis(msgs: list[dict[str, Any]]) -> float:
+    import redis.asyncio
+    key = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    r = redis.asyncio.Redis.from_url(REDIS_URL["url"])
+    await r.xgroup_create(key, "g", id="0", mkstream=True)
+    handled = 0
+
+    async def consume() -> None:
+        nonlocal handled
+        while handled < len(msgs):
+            found = await r.xreadgroup("g", "c", {key: ">"}, count=500, block=1000)
+            for _, entries in found or ():
+                for entry_id, fields in entries:
+                    json.loads(fields[b"data"])
+                    await r.xack(key, "g", entry_id)
+                    handled += 1
+
+    try:
+        started = time.perf_counter()
+        reader = asyncio.create_task(consume())
+        for start in range(0, len(msgs), 500):
+            pipe = r.pipeline(transaction=False)
+            for m in msgs[start:start + 500]:
+                pipe.xadd(key, {"data": json.dumps(m), "content-type": "application/json"})
+            await pipe.execute()
+        await reader
+        return len(msgs) / (time.perf_counter() - started)
+    finally:
+        await r.delete(key)
+        await r.aclose()
+
+
+async def streamtools_redis(msgs: list[dict[str, Any]]) -> float:
+    name = f"bench-st-{uuid.uuid4().hex[:8]}"
+    done = asyncio.Event()
+    handled = 0
+    consumer = streamtools.RedisConsumer(name, prefetch=500, **REDIS_URL)
+
+    @consumer()
+    async def handle(msg: Any) -> None:
+        nonlocal handled
+        handled += 1
+        if handled == len(msgs):
+            done.set()
+
+    async with consumer, streamtools.RedisProducer(name, **REDIS_URL) as producer:
+        started = time.perf_counter()
+        for start in range(0, len(msgs), 500):
+            await producer.send_many(msgs[start:start + 500])
+        await done.wait()
+        rate = len(msgs) / (time.perf_counter() - started)
+    await consumer.delete_queues()
+    return rate
+
+
+###############################################################################
 # http ########################################################################
 ###############################################################################
 
@@ -438,7 +504,8 @@ async def compare(pairs: list[tuple[Callable[[], Awaitable[float]], Callable[[],
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("which", nargs="?", default="all",
-                        choices=["memory", "rabbitmq", "kafka", "nats", "http", "all"])
+                        choices=["memory", "rabbitmq", "kafka", "nats", "redis", "http", "all"])
+    parser.add_argument("--redis", metavar="URL", default=REDIS_URL["url"], help="Redis")
     parser.add_argument("--nats", metavar="URL", default=NATS_URL["servers"], help="NATS with JetStream")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--kafka", metavar="HOST:PORT", help="a Kafka broker to use (default: start Tansu)")
@@ -466,6 +533,12 @@ async def main(argv: list[str] | None = None) -> int:
         a, b = await compare([(lambda: streamtools_nats(msgs), lambda: raw_nats(msgs))], args.rounds)
         ok &= report("nats: 20,000 messages, JetStream publish -> pull -> ack", "streamtools NATS", a,
                      "raw nats-py", b, 0.9)
+    if args.which in ("redis", "all"):
+        REDIS_URL["url"] = args.redis
+        msgs = messages(20_000)
+        a, b = await compare([(lambda: streamtools_redis(msgs), lambda: raw_redis(msgs))], args.rounds)
+        ok &= report("redis: 20,000 messages, XADD -> XREADGROUP -> XACK", "streamtools Redis", a,
+                     "raw redis-py", b, 0.9)
     if args.which in ("http", "all"):
         msgs = messages(5_000)
         async with HTTPSides() as sides:
