@@ -1179,6 +1179,11 @@ class Consumer(_Endpoint):
         failure retry after a backoff, then dead-letter."""
         task = asyncio.current_task()
         assert task is not None
+        await self._deliver_in(task, message, key, decoded)
+
+    async def _deliver_in(self, task: asyncio.Task[Any], message: Message, key: str = "",
+                          decoded: bool = False) -> None:
+        """:meth:`_deliver` in ``task``, which a worker knows without asking."""
         active = self._active  # the messages in flight: their count is the prefetch bound
         if len(active) >= self.prefetch:
             await self._free_slot()
@@ -1252,7 +1257,8 @@ class Consumer(_Endpoint):
         self._workers = [asyncio.create_task(self._work(inbox, received)) for _ in range(self.prefetch)]
 
     async def _work(self, inbox: _Inbox, received: Callable[[Any], Message] | None) -> None:
-        items, deliver = inbox.items, self._deliver
+        items, deliver, me = inbox.items, self._deliver_in, asyncio.current_task()
+        assert me is not None
         while not self._stopping:
             if not items:
                 await inbox.wait()
@@ -1261,14 +1267,14 @@ class Consumer(_Endpoint):
             if items:
                 inbox.wake()  # more are waiting: another worker takes them if this handler has to wait
             if received is None:
-                await deliver(item)
+                await deliver(me, item)
                 continue
             try:
                 message = received(item)
             except Exception:  # unacknowledged, so the broker delivers it again; the worker goes on
                 log.exception("could not read a message received on %r", self.queue_name)
                 continue
-            await deliver(message)
+            await deliver(me, message)
 
     async def _stop_workers(self) -> None:
         """Stop the workers waiting for messages; busy ones finish (the drain)."""
@@ -2893,11 +2899,31 @@ def _nats_headers(message: Message) -> dict[str, str]:
 
 def _nats_envelope(raw: dict[str, str] | None) -> tuple[dict[str, Any], str, str, str | None, str | None]:
     """(headers, content type, id, correlation id, reply-to) of a NATS message's headers."""
-    headers = dict(raw or {})
-    content_type = headers.pop(_N_TYPE, BINARY)
-    message_id = headers.pop(_N_ID, "")
-    correlation_id, reply_to = headers.pop(_N_CORRELATION, None), headers.pop(_N_REPLY_TO, None)
-    return _typed_headers(headers), content_type, message_id, correlation_id, reply_to
+    headers: dict[str, Any] = {}
+    content_type, message_id, correlation_id, reply_to = BINARY, "", None, None
+    for key, value in (raw or {}).items():  # one pass: this runs for every message
+        if key == _N_TYPE:
+            content_type = value
+        elif key == _N_ID:
+            message_id = value
+        elif key == _N_CORRELATION:
+            correlation_id = value
+        elif key == _N_REPLY_TO:
+            reply_to = value
+        else:
+            headers[key] = value
+    if _TYPED in headers:
+        headers = _typed_headers(headers)
+    return headers, content_type, message_id, correlation_id, reply_to
+
+
+def _nats_delivered(msg: Any) -> int:
+    """The delivery count from a JetStream message's ack subject: cheaper than
+    nats-py's full ``metadata`` (timestamps and all), which only this needs."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        return int(tokens[4])
+    return int(msg.metadata.num_delivered or 1)  # the newer form, with domain and account hash
 
 
 class _NATSEndpoint(_Endpoint):
@@ -3110,7 +3136,7 @@ class NATSConsumer(_NATSEndpoint, Consumer):
 
     def _received(self, msg: Any) -> Message:
         headers, content_type, message_id, correlation_id, reply_to = _nats_envelope(msg.headers)
-        delivered = msg.metadata.num_delivered or 1
+        delivered = _nats_delivered(msg)
         self._handling[id(msg)] = (msg, time.monotonic())
         return Message(data=msg.data, content_type=content_type, headers=headers, id=message_id,
                        queue=self.queue_name, correlation_id=correlation_id, reply_to=reply_to,
@@ -3170,7 +3196,12 @@ class NATSConsumer(_NATSEndpoint, Consumer):
         self._inbox.items.clear()
 
     async def _ack(self, message: Message) -> None:
-        await self._settle(message, message.raw.ack, "acknowledge")
+        self._settled(message)
+        try:
+            await message.raw.ack()
+        except Exception as exc:  # the server redelivers it after ack_wait
+            log.warning("could not acknowledge message %s of %r (%r); the server will deliver it again",
+                        message.id, self.queue_name, exc)
 
     async def _requeue(self, message: Message) -> None:
         await self._settle(message, message.raw.nak, "hand back")
