@@ -52,6 +52,7 @@ __all__ = [
     "HTTPProducer",
     "HandleMsgs",
     "HandlerFactory",
+    "Hook",
     "JSON",
     "KAFKA",
     "KafkaConsumer",
@@ -61,6 +62,7 @@ __all__ = [
     "MemoryConsumer",
     "MemoryProducer",
     "Message",
+    "Metrics",
     "MissingDependency",
     "NATS",
     "NATSConsumer",
@@ -81,16 +83,20 @@ __all__ = [
     "SendError",
     "StreamtoolsError",
     "TEXT",
+    "Tracing",
     "UnknownOption",
     "UnknownTransport",
     "Unroutable",
     "bench",
     "current_message",
     "decode",
+    "enable_metrics",
+    "enable_tracing",
     "encode",
     "main",
     "prepare_aiohttp_app",
     "register_transport",
+    "use",
 ]
 
 import abc
@@ -419,6 +425,7 @@ class Message:
     before. ``correlation_id`` and ``reply_to`` are set on requests. ``raw``
     is the transport's own message object (aio-pika ``IncomingMessage``,
     aiohttp ``Request``...), for what the envelope does not carry.
+    ``transport`` names the transport that carries it.
     """
 
     body: Any = None
@@ -432,6 +439,8 @@ class Message:
     attempt: int = 1
     redelivered: bool = False
     raw: Any = None
+    #: The registry name of the transport that carries it.
+    transport: str = ""
 
     def __repr__(self) -> str:
         return f"<Message {self.id} queue={self.queue!r} attempt={self.attempt} {self.content_type}>"
@@ -508,10 +517,13 @@ def _typed_headers(flat: dict[str, Any]) -> dict[str, Any]:
 
 def _reply_payload(result: Any, error: str | None) -> tuple[bytes, str, dict[str, Any]]:
     """The wire form of a reply: the handler's return value, or its error."""
+    headers: dict[str, Any] = {} if error is None else {"x-error": error}
+    if _tracing is not None:  # the reply joins the handling's trace
+        _tracing.inject(headers)
     if error is not None:
-        return b"", TEXT, {"x-error": error}
+        return b"", TEXT, headers
     data, content_type = encode(result)
-    return data, content_type, {}
+    return data, content_type, headers
 
 
 def _reply_value(data: bytes, content_type: str, headers: Mapping[str, Any], queue: str) -> Any:
@@ -600,6 +612,281 @@ def _check_flags(flags: dict[str, Any], own: frozenset[str], what: str) -> dict[
 
 
 ###############################################################################
+# Observability: hooks, metrics, tracing ######################################
+###############################################################################
+
+
+class Hook:
+    """Code that runs around each send and each handling, on every transport.
+
+    Subclass it and override what you need; register an instance with
+    :func:`use` (every producer and consumer) or ``producer.use(hook)`` /
+    ``consumer.use(hook)`` (that one). ``on_send`` runs before the message
+    goes out, so it may add headers; ``on_handle`` runs before the handler,
+    and an exception it raises fails that attempt as the handler's would.
+    What ``on_send``/``on_handle`` return comes back as ``token``.
+
+    Outcomes of a handling: ``"ok"``, ``"retried"`` (failed, tried again
+    later), ``"dead_lettered"`` (failed for the last time), ``"failed"``
+    (failed where the caller sees it: HTTP's 500), ``"expired"`` (a request
+    whose requester stopped waiting, dropped unhandled).
+    """
+
+    def on_send(self, message: Message) -> Any:
+        """Before ``message`` is sent (``message.queue`` says where)."""
+
+    def on_sent(self, message: Message, token: Any, duration: float, error: BaseException | None) -> None:
+        """After the transport took it (``error`` None) or did not."""
+
+    def on_handle(self, message: Message) -> Any:
+        """Before an attempt of the handler on ``message`` (``message.attempt``)."""
+
+    def on_handled(self, message: Message, token: Any, outcome: str, duration: float,
+                   error: BaseException | None) -> None:
+        """After the attempt, with its outcome (``token`` is None if an
+        ``on_handle`` raised before this hook's ran)."""
+
+    def on_connection(self, transport: str, where: str, event: str) -> None:
+        """A broker connection was ``"lost"`` or ``"restored"``."""
+
+
+#: Hooks every producer and consumer runs (see :func:`use`).
+_global_hooks: list[Hook] = []
+
+
+def use(hook: Hook) -> Hook:
+    """Run ``hook`` around every send and handling of every producer and
+    consumer, on every transport; returns it.
+
+    :raises ConfigError: ``hook`` is not a :class:`Hook`.
+    """
+    if not isinstance(hook, Hook):
+        raise ConfigError(f"use() takes a streamtools.Hook, got {hook!r}")
+    if hook not in _global_hooks:
+        _global_hooks.append(hook)
+    return hook
+
+
+def _connection_event(transport: str, where: str, event: str) -> None:
+    log.info("connection to %s at %s %s", transport, where,
+             "lost; reconnecting" if event == "lost" else "restored; consumers resume")
+    for hook in _global_hooks:
+        try:
+            hook.on_connection(transport, where, event)
+        except Exception:
+            log.exception("hook %r failed", hook)
+
+
+def _after_handling(hooks: list[Hook], tokens: list[Any], message: Message, outcome: str, began: float,
+                    error: BaseException | None) -> None:
+    duration = time.perf_counter() - began
+    tokens = tokens + [None] * (len(hooks) - len(tokens))  # None where on_handle raised, or after it
+    for hook, token in zip(hooks, tokens):
+        _safely(hook, "on_handled", message, token, outcome, duration, error)
+
+
+def _handled_at_once(hooks: list[Hook], message: Message, outcome: str, error: BaseException | None) -> None:
+    """A message settled without running the handler (expired, undecodable)."""
+    tokens = [_safely(hook, "on_handle", message) for hook in hooks]
+    _after_handling(hooks, tokens, message, outcome, time.perf_counter(), error)
+
+
+def _safely(hook: Hook, method: str, *args: Any) -> Any:
+    """A hook's failure is logged, never lost messages or a failed send."""
+    try:
+        return getattr(hook, method)(*args)
+    except Exception:
+        log.exception("hook %r failed in %s", hook, method)
+        return None
+
+
+class Metrics(Hook):
+    """Prometheus metrics of every send and handling (``prometheus_client``
+    is imported when this is made). Turn it on with :func:`enable_metrics`
+    or ``STREAMTOOLS_METRICS=1``; ``ConsumerRunner`` serves ``GET /metrics``.
+    """
+
+    def __init__(self, registry: Any = None) -> None:
+        prometheus = _require("prometheus_client", "prometheus-client")
+        options = {"registry": registry} if registry is not None else {}
+        labels = ("queue", "transport")
+        self.registry = registry
+        self.sent = prometheus.Counter("streamtools_messages_sent", "Messages sent, by outcome (ok or error).",
+                                       (*labels, "outcome"), **options)
+        self.handled = prometheus.Counter("streamtools_messages_handled",
+                                          "Handler attempts, by outcome (ok, retried, dead_lettered, failed, expired).",
+                                          (*labels, "outcome"), **options)
+        self.failed = prometheus.Counter("streamtools_messages_failed", "Handler attempts that raised.", labels,
+                                         **options)
+        self.retried = prometheus.Counter("streamtools_messages_retried", "Messages given another attempt.",
+                                          labels, **options)
+        self.dead_lettered = prometheus.Counter("streamtools_messages_dead_lettered",
+                                                "Messages moved to the dead-letter queue.", labels, **options)
+        self.reconnections = prometheus.Counter("streamtools_reconnections", "Broker connections restored.",
+                                                ("transport",), **options)
+        self.send_seconds = prometheus.Histogram("streamtools_send_seconds",
+                                                 "Seconds until the transport took a message (confirm latency).",
+                                                 labels, **options)
+        self.handle_seconds = prometheus.Histogram("streamtools_handle_seconds", "Seconds a handler attempt took.",
+                                                   labels, **options)
+        self.in_flight = prometheus.Gauge("streamtools_handlers_in_flight", "Handlers running now.", labels,
+                                          **options)
+        self._transports: dict[str, str] = {}
+
+    def on_send(self, message: Message) -> Any:
+        return None
+
+    def on_sent(self, message: Message, token: Any, duration: float, error: BaseException | None) -> None:
+        transport = message.transport
+        self.sent.labels(message.queue, transport, "ok" if error is None else "error").inc()
+        if error is None:
+            self.send_seconds.labels(message.queue, transport).observe(duration)
+
+    def on_handle(self, message: Message) -> Any:
+        self.in_flight.labels(message.queue, message.transport).inc()
+        return True
+
+    def on_handled(self, message: Message, token: Any, outcome: str, duration: float,
+                   error: BaseException | None) -> None:
+        labels = (message.queue, message.transport)
+        if token:
+            self.in_flight.labels(*labels).dec()
+        self.handled.labels(*labels, outcome).inc()
+        self.handle_seconds.labels(*labels).observe(duration)
+        if error is not None:
+            self.failed.labels(*labels).inc()
+        if outcome == "retried":
+            self.retried.labels(*labels).inc()
+        elif outcome == "dead_lettered":
+            self.dead_lettered.labels(*labels).inc()
+
+    def on_connection(self, transport: str, where: str, event: str) -> None:
+        if event == "restored":
+            self.reconnections.labels(transport).inc()
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The metrics in Prometheus' text format, and its content type."""
+        prometheus = _require("prometheus_client", "prometheus-client")
+        registry = self.registry if self.registry is not None else prometheus.REGISTRY
+        return prometheus.generate_latest(registry), prometheus.CONTENT_TYPE_LATEST
+
+
+_metrics: Metrics | None = None
+
+
+def enable_metrics(registry: Any = None) -> Metrics:
+    """Count every send and handling in Prometheus metrics (names
+    ``streamtools_messages_sent_total``, ``..._handled_total``, ``..._failed_total``,
+    ``..._retried_total``, ``..._dead_lettered_total``, ``streamtools_reconnections_total``,
+    ``streamtools_send_seconds``, ``streamtools_handle_seconds``,
+    ``streamtools_handlers_in_flight``). Idempotent; returns the hook.
+
+    :param registry: a ``prometheus_client.CollectorRegistry`` (default: the global one).
+    :raises MissingDependency: ``prometheus_client`` is not installed.
+    """
+    global _metrics
+    if _metrics is None:
+        _metrics = Metrics(registry)
+        use(_metrics)
+    return _metrics
+
+
+#: OpenTelemetry's ``messaging.system`` of each transport.
+_MESSAGING_SYSTEMS = {MEMORY: "memory", RABBITMQ: "rabbitmq", HTTP: "http", KAFKA: "kafka", NATS: "nats",
+                      REDIS: "redis"}
+
+
+class Tracing(Hook):
+    """OpenTelemetry spans: one per send (kind PRODUCER) and per handling
+    (kind CONSUMER, the child of the send's span, across processes: the W3C
+    ``traceparent`` travels in the message headers), named and attributed
+    by the messaging conventions; exceptions are recorded on the span.
+    Turned on by itself when the application imported OpenTelemetry and
+    configured a tracer provider."""
+
+    def __init__(self) -> None:
+        self._trace = importlib.import_module("opentelemetry.trace")
+        self._propagate = importlib.import_module("opentelemetry.propagate")
+        self._context = importlib.import_module("opentelemetry.context")
+        self._tracer = self._trace.get_tracer("streamtools", __version__)
+
+    def _attributes(self, message: Message, transport: str, operation: str) -> dict[str, Any]:
+        return {"messaging.system": _MESSAGING_SYSTEMS.get(transport, transport.lower()),
+                "messaging.destination.name": message.queue, "messaging.operation.type": operation,
+                "messaging.message.id": message.id}
+
+    def on_send(self, message: Message) -> Any:
+        span = self._tracer.start_span(f"send {message.queue}", kind=self._trace.SpanKind.PRODUCER,
+                                       attributes=self._attributes(message, message.transport, "send"))
+        self._propagate.inject(message.headers, context=self._trace.set_span_in_context(span))
+        return span
+
+    def on_sent(self, message: Message, token: Any, duration: float, error: BaseException | None) -> None:
+        if error is not None:
+            token.record_exception(error)
+            token.set_status(self._trace.Status(self._trace.StatusCode.ERROR, str(error)))
+        token.end()
+
+    def on_handle(self, message: Message) -> Any:
+        carrier = {k: v for k, v in message.headers.items() if isinstance(v, str)}
+        parent = self._propagate.extract(carrier)
+        span = self._tracer.start_span(f"process {message.queue}", context=parent, kind=self._trace.SpanKind.CONSUMER,
+                                       attributes=self._attributes(message, message.transport, "process"))
+        span.set_attribute("messaging.message.delivery_attempt", message.attempt)
+        # Current while the handler runs: its own sends, and the reply, join this trace.
+        return span, self._context.attach(self._trace.set_span_in_context(span))
+
+    def on_handled(self, message: Message, token: Any, outcome: str, duration: float,
+                   error: BaseException | None) -> None:
+        if token is None:
+            return
+        span, attached = token
+        span.set_attribute("streamtools.outcome", outcome)
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(self._trace.Status(self._trace.StatusCode.ERROR, str(error)))
+        self._context.detach(attached)
+        span.end()
+
+    def inject(self, headers: dict[str, Any]) -> None:
+        self._propagate.inject(headers)
+
+
+_tracing: Tracing | None = None
+_observed = False
+
+
+def enable_tracing() -> Tracing:
+    """Trace every send and handling with OpenTelemetry (the tracer provider
+    the application configured). Done by itself when the first producer or
+    consumer is made after the application configured one. Idempotent.
+
+    :raises MissingDependency: ``opentelemetry-api`` is not installed.
+    """
+    global _tracing
+    if _tracing is None:
+        _require("opentelemetry.trace", "opentelemetry-api")
+        _tracing = Tracing()
+        use(_tracing)
+    return _tracing
+
+
+def _observe() -> None:
+    """Once, when the first producer or consumer is made: metrics if
+    ``STREAMTOOLS_METRICS=1``; tracing if the application imported
+    OpenTelemetry and configured a tracer provider (nothing is imported otherwise)."""
+    global _observed
+    _observed = True
+    if os.environ.get("STREAMTOOLS_METRICS") == "1":
+        enable_metrics()
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is not None and _tracing is None:
+        provider = trace.get_tracer_provider()
+        if type(provider).__name__ not in ("ProxyTracerProvider", "NoOpTracerProvider"):
+            enable_tracing()
+
+
+###############################################################################
 # Base classes ################################################################
 ###############################################################################
 
@@ -639,6 +926,9 @@ class _Endpoint(abc.ABC):
                 queue_name = label["queue"]
         self.queue_name = self._check_name(queue_name)
         self.agent_keys: dict[str, str] = {}
+        self._hooks: list[Hook] = []
+        if not _observed:
+            _observe()
         self._ready = False
         self._init_lock: asyncio.Lock | None = None  # made in a_init: no event loop is needed before
         unknown = set(options) - self.option_names()
@@ -652,6 +942,13 @@ class _Endpoint(abc.ABC):
 
     def _check_name(self, queue_name: Any) -> str:
         return _check_queue_name(queue_name)
+
+    def use(self, hook: Hook) -> Hook:
+        """Run ``hook`` around this producer's sends or this consumer's handling."""
+        if not isinstance(hook, Hook):
+            raise ConfigError(f"use() takes a streamtools.Hook, got {hook!r}")
+        self._hooks.append(hook)
+        return hook
 
     def add_agent_uuid(self, **keys: str) -> None:
         """Legacy: take the agent's ids, by transport type (``RabbitMQ=...``,
@@ -769,7 +1066,25 @@ class Producer(_Endpoint):
         message = self._message(msg, headers_tag, header_tag, content_type, headers, message_id)
         if not self._ready:
             await self._ensure_open()
+        if self._hooks or _global_hooks:
+            return await self._observed(self._publish, message, timeout, flags)
         return await self._publish(message, timeout, **flags)
+
+    async def _observed(self, publish: Callable[..., Awaitable[Any]], message: Message, timeout: Any,
+                        flags: dict[str, Any]) -> Any:
+        """``publish`` with the hooks around it."""
+        message.transport = self.transport
+        hooks = [*_global_hooks, *self._hooks]
+        tokens = [_safely(hook, "on_send", message) for hook in hooks]
+        began, error = time.perf_counter(), None
+        try:
+            return await publish(message, timeout, **flags)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            for hook, token in zip(hooks, tokens):
+                _safely(hook, "on_sent", message, token, time.perf_counter() - began, error)
 
     async def request(self, msg: Any, timeout: float = 5.0, *, headers_tag: str | None = None,
                       header_tag: str | None = None, content_type: str | None = None,
@@ -788,6 +1103,8 @@ class Producer(_Endpoint):
         message.headers[_EXPIRES] = int((time.time() + timeout) * 1000)
         if not self._ready:
             await self._ensure_open()
+        if self._hooks or _global_hooks:
+            return await self._observed(self._request, message, timeout, flags)
         return await self._request(message, timeout, **flags)
 
     async def send_many(self, messages: Iterable[Any], *, headers_tag: str | None = None,
@@ -807,7 +1124,18 @@ class Producer(_Endpoint):
         batch = [self._message(body, headers_tag, None, content_type, headers, None) for body in messages]
         if not self._ready:
             await self._ensure_open()
+        hooks = [*_global_hooks, *self._hooks]
+        if hooks:
+            for message in batch:
+                message.transport = self.transport
+            tokens = [[_safely(hook, "on_send", message) for hook in hooks] for message in batch]
+            began = time.perf_counter()
         results = await self._publish_many(batch, timeout, **flags)
+        if hooks:
+            for message, result, sent_tokens in zip(batch, results, tokens):
+                error = result if isinstance(result, BaseException) else None
+                for hook, token in zip(hooks, sent_tokens):
+                    _safely(hook, "on_sent", message, token, time.perf_counter() - began, error)
         failed = {i: result for i, result in enumerate(results) if isinstance(result, BaseException)}
         if failed:
             first = next(iter(failed.values()))
@@ -1188,6 +1516,8 @@ class Consumer(_Endpoint):
         if len(active) >= self.prefetch:
             await self._free_slot()
         active.add(task)
+        message.transport = self.transport
+        hooks = [*_global_hooks, *self._hooks] if _global_hooks or self._hooks else None
         settled = False
         try:
             headers = message.headers
@@ -1196,6 +1526,8 @@ class Consumer(_Endpoint):
                 if isinstance(expires, int) and time.time() * 1000 > expires:
                     log.debug("dropping request %s of %r: its requester stopped waiting", message.id, self.queue_name)
                     settled = True
+                    if hooks:
+                        _handled_at_once(hooks, message, "expired", None)
                     await self._ack(message)
                     return
             if not decoded:
@@ -1206,15 +1538,26 @@ class Consumer(_Endpoint):
                     # Dead-letter it as opaque bytes, so the dead-letter queue stays readable.
                     message.headers = {**headers, "x-original-content-type": message.content_type}
                     message.content_type = BINARY
+                    if hooks:
+                        _handled_at_once(hooks, message, "dead_lettered", exc)
                     await self._give_up(message, exc)
                     return
             handler = self._handlers[key][1]
             while True:
+                tokens: list[Any] = []
+                began = time.perf_counter()
                 token = _current.set(message)
                 try:
+                    if hooks:
+                        for hook in hooks:  # a hook that raises fails the attempt, as the handler would
+                            tokens.append(hook.on_handle(message))
                     result = await handler(message.body)
                 except Exception as exc:
-                    if message.attempt > self.max_retries:
+                    final = message.attempt > self.max_retries
+                    if hooks:
+                        outcome = "retried" if not final else "dead_lettered" if self.brokered else "failed"
+                        _after_handling(hooks, tokens, message, outcome, began, exc)
+                    if final:
                         settled = True
                         await self._give_up(message, exc)
                         return
@@ -1238,6 +1581,8 @@ class Consumer(_Endpoint):
                         log.warning("could not send the reply to message %s of %r: %r", message.id,
                                     self.queue_name, exc)
                 await self._ack(message)
+                if hooks:  # after the reply: a tracing hook's span is current while it is sent
+                    _after_handling(hooks, tokens, message, "ok", began, None)
                 return
         except asyncio.CancelledError:
             if not settled:  # the drain timed out: hand the message back
@@ -1249,6 +1594,15 @@ class Consumer(_Endpoint):
                 waiter = self._slot_waiters.popleft()
                 if not waiter.done():
                     waiter.set_result(None)
+
+    @property
+    def ready(self) -> bool:
+        """True while consuming with the broker connected (``GET /readyz``)."""
+        return self._running and not self._stopping and self._connected()
+
+    def _connected(self) -> bool:
+        """Whether the broker connection is up, where the client tells."""
+        return True
 
     def _start_workers(self, inbox: _Inbox, received: Callable[[Any], Message] | None = None) -> None:
         """Deliver what a pulling transport puts in ``inbox`` (turned into a
@@ -1611,10 +1965,8 @@ class _AMQPLink:
                                    f"{_cause(exc, self.url)}") from None
         where = self.where
         connection.close_callbacks.add(
-            lambda _, exc: log.info("connection to RabbitMQ at %s lost (%s); reconnecting", where,
-                                    type(exc).__name__) if isinstance(exc, Exception) else None)
-        connection.reconnect_callbacks.add(
-            lambda _: log.info("connection to RabbitMQ at %s restored; consumers resume", where))
+            lambda _, exc: _connection_event(RABBITMQ, where, "lost") if isinstance(exc, Exception) else None)
+        connection.reconnect_callbacks.add(lambda _: _connection_event(RABBITMQ, where, "restored"))
         return connection
 
     async def _release(self) -> None:
@@ -1863,6 +2215,10 @@ class RabbitMQConsumer(_RabbitMQEndpoint, Consumer):
     async def _start_intake(self) -> None:
         self._consumer_tag = await self._queue.consume(self._on_message)
 
+    def _connected(self) -> bool:
+        connection = self._link.connection
+        return connection is not None and connection.connected.is_set()
+
     async def _stop_intake(self) -> None:
         if self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
@@ -2099,6 +2455,10 @@ class _HTTPServer:
         self.ssl_context = ssl_context
         self.app = self._web.Application() if app is None else app
         self.app.router.add_get("/healthz", self._health)
+        self.app.router.add_get("/readyz", self._readiness)
+        self.app.router.add_get("/metrics", self._metrics)
+        #: Consumers whose readiness ``/readyz`` reports, beside the routes' (a runner's).
+        self.watched: list[Consumer] = []
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
         #: The consumer serving each route.
         self.routes: dict[str, HTTPConsumer] = {}
@@ -2144,6 +2504,20 @@ class _HTTPServer:
 
     async def _health(self, request: web.Request) -> web.Response:
         response: web.Response = self._web.json_response({"status": "ok"})
+        return response
+
+    async def _readiness(self, request: web.Request) -> web.Response:
+        consumers = {*self.watched, *self.routes.values()}
+        waiting = sorted(c.queue_name for c in consumers if not c.ready)
+        body = {"status": "waiting", "not_ready": waiting} if waiting else {"status": "ready"}
+        response: web.Response = self._web.json_response(body, status=503 if waiting else 200)
+        return response
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if _metrics is None:
+            return _json_error(404, "metrics are off: call streamtools.enable_metrics() or set STREAMTOOLS_METRICS=1")
+        data, content_type = _metrics.exposition()
+        response: web.Response = self._web.Response(body=data, headers={"Content-Type": content_type})
         return response
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
@@ -2962,10 +3336,10 @@ class _NATSEndpoint(_Endpoint):
         where = self.where
 
         async def disconnected() -> None:
-            log.info("connection to NATS at %s lost; reconnecting", where)
+            _connection_event(NATS, where, "lost")
 
         async def reconnected() -> None:
-            log.info("connection to NATS at %s restored; consumers resume", where)
+            _connection_event(NATS, where, "restored")
 
         async def error(exc: Exception) -> None:
             log.debug("NATS at %s: %r", where, exc)
@@ -3133,6 +3507,9 @@ class NATSConsumer(_NATSEndpoint, Consumer):
         self._inbox = _Inbox()
         self._start_workers(self._inbox, self._received)
         self._tasks = [asyncio.create_task(self._fetch()), asyncio.create_task(self._keep_in_progress())]
+
+    def _connected(self) -> bool:
+        return self._nc is not None and bool(self._nc.is_connected)
 
     def _received(self, msg: Any) -> Message:
         headers, content_type, message_id, correlation_id, reply_to = _nats_envelope(msg.headers)
@@ -4086,6 +4463,7 @@ class ConsumerRunner:
         self.host = host or next((c.host for c in listening), "0.0.0.0")
         self.port = port if port is not None else next((c.port for c in listening), 9000)
         self.ssl_context = ssl_context or next((c.ssl_context for c in listening if c.ssl_context), None)
+        self._health_port = port is not None  # serve /healthz, /readyz, /metrics there, HTTP consumers or not
         self._server: _HTTPServer | None = None
         self._started = False
 
@@ -4103,11 +4481,13 @@ class ConsumerRunner:
         if self._started:
             return
         own = _LazyWebApp.app
-        if own is not None and len(own.router.routes()) > 0:  # a legacy service's own routes
+        own = own if own is not None and len(own.router.routes()) > 0 else None  # a legacy service's routes
+        if own is not None or self._health_port:
             drain = max((c.drain_timeout for c in self.consumers), default=30.0)
             self._server = await _HTTPServer.acquire(self.host, self.port, self.ssl_context, drain, app=own)
             self.port = self._server.port
-            _LazyWebApp.app = None  # served (and frozen) now: the next runner gets a fresh one
+            if own is not None:
+                _LazyWebApp.app = None  # served (and frozen) now: the next runner gets a fresh one
         for consumer in self.consumers:  # listening consumers share one server on the runner's address
             if consumer.listens:
                 consumer.host, consumer.port = self.host, self.port  # type: ignore[attr-defined]
@@ -4129,11 +4509,15 @@ class ConsumerRunner:
             await asyncio.gather(*(c.stop() for c in started), return_exceptions=True)
             await self._release_server()
             raise
+        server = self._server or next((c._server for c in self.consumers if c.listens), None)  # type: ignore
+        if server is not None:
+            server.watched.extend(self.consumers)
         self._started = True
 
     async def _release_server(self) -> None:
         if self._server is not None:
             server, self._server = self._server, None
+            server.watched = [c for c in server.watched if c not in self.consumers]
             await server.release()
 
     async def stop(self) -> None:

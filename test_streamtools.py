@@ -1991,6 +1991,204 @@ class TestRedis:
 
 
 ###############################################################################
+# Observability: hooks, metrics, tracing ######################################
+###############################################################################
+
+
+@pytest.fixture
+def hooks_restored() -> Iterator[None]:
+    """The global hooks (and metrics, tracing) as they were, after the test."""
+    saved = (list(streamtools._global_hooks), streamtools._metrics, streamtools._tracing)
+    yield
+    streamtools._global_hooks[:] = saved[0]
+    streamtools._metrics, streamtools._tracing = saved[1], saved[2]
+
+
+class Tenant(streamtools.Hook):
+    """The README's example: stamp a tenant on every send, refuse others on receive."""
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+        self.outcomes: list[tuple[Any, str, int, str | None]] = []
+
+    def on_send(self, message: streamtools.Message) -> None:
+        message.headers["x-tenant"] = self.tenant
+
+    def on_handle(self, message: streamtools.Message) -> None:
+        if message.headers.get("x-tenant") != self.tenant:
+            raise PermissionError(f"not for tenant {self.tenant}")
+
+    def on_handled(self, message: streamtools.Message, token: Any, outcome: str, duration: float,
+                   error: BaseException | None) -> None:
+        assert duration >= 0
+        self.outcomes.append((message.body, outcome, message.attempt, type(error).__name__ if error else None))
+
+
+class TestObservability:
+    async def test_a_hook_sees_sends_and_every_attempt(self, broker_kit: Kit, hooks_restored: None) -> None:
+        tenant = streamtools.use(Tenant("acme"))
+        handled: list[Any] = []
+        consumer = broker_kit.consumer(max_retries=1, retry_backoff=0.01)
+
+        @consumer()
+        async def work(msg: Any) -> None:
+            if msg == "bad":
+                raise ValueError("bad")
+            handled.append((msg, current_message().headers["x-tenant"]))
+
+        await consumer.start()
+        producer = await broker_kit.producer(consumer)
+        await producer.send("good")
+        await producer.send("bad")
+        await until(lambda: len(tenant.outcomes) == 3, timeout=20, what="three attempts")
+        assert handled == [("good", "acme")]
+        assert sorted(tenant.outcomes) == [("bad", "dead_lettered", 2, "ValueError"), ("bad", "retried", 1, "ValueError"),
+                                           ("good", "ok", 1, None)]
+        stranger = await broker_kit.producer(consumer)
+        streamtools._global_hooks.remove(tenant)
+        consumer.use(tenant)  # now only the consumer checks: the stranger's message lacks the tenant
+        await stranger.send("from elsewhere")
+        await until(lambda: any(o[0] == "from elsewhere" and o[1] == "dead_lettered" for o in tenant.outcomes),
+                    timeout=20, what="the stranger's message refused")
+        assert ("from elsewhere", "acme") not in handled
+
+    async def test_prometheus_counts_are_exact(self, broker_kit: Kit, hooks_restored: None) -> None:
+        prometheus = pytest.importorskip("prometheus_client")
+        registry = prometheus.CollectorRegistry()
+        streamtools._metrics = None
+        streamtools.enable_metrics(registry)
+        consumer = broker_kit.consumer(max_retries=2, retry_backoff=0.01)
+
+        @consumer()
+        async def work(msg: int) -> None:
+            if msg % 5 == 0:
+                raise ValueError("every fifth fails")
+
+        await consumer.start()
+        producer = await broker_kit.producer(consumer)
+        await producer.send_many(range(20))
+        labels = {"queue": broker_kit.queue, "transport": PRODUCERS.canonical(broker_kit.kind)}
+
+        def value(name: str, **extra: str) -> float:
+            return registry.get_sample_value(name, {**labels, **extra}) or 0.0
+
+        await until(lambda: value("streamtools_messages_dead_lettered_total") == 4, timeout=30, what="4 dead letters")
+        await asyncio.sleep(0.2)
+        assert value("streamtools_messages_sent_total", outcome="ok") == 20
+        assert value("streamtools_messages_handled_total", outcome="ok") == 16
+        assert value("streamtools_messages_failed_total") == 12  # 4 messages x 3 attempts
+        assert value("streamtools_messages_retried_total") == 8
+        assert value("streamtools_handle_seconds_count") == 28
+        assert value("streamtools_send_seconds_count") == 20
+        assert value("streamtools_handlers_in_flight") == 0
+
+    async def test_the_runner_serves_health_readiness_and_metrics_without_http_consumers(
+            self, rmq: Kit, hooks_restored: None) -> None:
+        import aiohttp
+        pytest.importorskip("prometheus_client")
+        streamtools.enable_metrics()
+        consumer = rmq.consumer()
+        consumer()(lambda msg: None)
+        port = free_port()
+        async with ConsumerRunner(consumers=[consumer], port=port, host="127.0.0.1"):
+            producer = await rmq.producer(consumer)
+            await producer.send("counted")
+            async with aiohttp.ClientSession() as session:
+                async with session.get(f"http://127.0.0.1:{port}/healthz") as response:
+                    assert response.status == 200
+                async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    assert response.status == 200 and (await response.json())["status"] == "ready"
+                await asyncio.sleep(0.3)
+                async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
+                    text = await response.text()
+                assert f'streamtools_messages_handled_total{{outcome="ok",queue="{rmq.queue}",transport="RMQIOHandler"}}' \
+                       in text.replace(", ", ",")
+                await consumer.stop()
+                async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
+                    assert response.status == 503 and rmq.queue in (await response.json())["not_ready"]
+
+    @pytest.mark.parametrize("kind", [RABBITMQ, HTTP])
+    async def test_traces_cross_processes(self, kind: str, tmp_path: Path, hooks_restored: None) -> None:
+        pytest.importorskip("opentelemetry.sdk")
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        kit = Kit(kind)
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        streamtools._tracing = None
+        tracing = streamtools.enable_tracing()
+        tracing._tracer = provider.get_tracer("streamtools")  # this process's spans, whatever the global provider
+        spans_file, port = tmp_path / "spans.jsonl", free_port()
+        script = f"""
+            import asyncio, json, signal
+            from opentelemetry import trace
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+            class ToFile(SpanExporter):
+                def export(self, spans):
+                    with open({str(spans_file)!r}, "a") as out:
+                        for s in spans:
+                            out.write(json.dumps({{"name": s.name, "trace": s.context.trace_id,
+                                                   "parent": s.parent.span_id if s.parent else None,
+                                                   "attributes": dict(s.attributes)}}) + "\\n")
+                    return SpanExportResult.SUCCESS
+
+            provider = TracerProvider()
+            provider.add_span_processor(SimpleSpanProcessor(ToFile()))
+            trace.set_tracer_provider(provider)   # configured before streamtools: it traces by itself
+            import streamtools
+
+            consumer = streamtools.CONSUMERS[{kind!r}]({kit.queue!r}, **{kit.options()!r},
+                                                     **({{"host": "127.0.0.1", "port": {port}}} if {kind == HTTP} else {{}}))
+            @consumer()
+            async def work(msg):
+                return {{"done": msg}}
+            streamtools.ConsumerRunner(consumers=[consumer]).run()
+        """
+        child = await spawn(script, tmp_path)
+        try:
+            if kind == HTTP:
+                await wait_healthy(port)
+                producer = await kit.producer(endpoint=f"http://127.0.0.1:{port}/{kit.queue}")
+            else:
+                producer = await kit.producer()
+            reply = await producer.request("traced", timeout=15)
+            assert reply == {"done": "traced"}
+            await until(lambda: spans_file.exists() and spans_file.read_text().strip(), timeout=15,
+                        what="the child's span")
+        finally:
+            child.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(child.wait(), 30)
+            await kit.close()
+        sent = [s for s in exporter.get_finished_spans() if s.name == f"send {kit.queue}"]
+        assert len(sent) == 1 and sent[0].kind == trace.SpanKind.PRODUCER
+        handled = [json.loads(line) for line in spans_file.read_text().split("\n") if line]
+        assert len(handled) == 1
+        assert handled[0]["name"] == f"process {kit.queue}"
+        assert handled[0]["trace"] == sent[0].context.trace_id and handled[0]["parent"] == sent[0].context.span_id
+        assert handled[0]["attributes"]["messaging.destination.name"] == kit.queue
+        assert handled[0]["attributes"]["messaging.operation.type"] == "process"
+        assert sent[0].attributes["messaging.system"] == ("rabbitmq" if kind == RABBITMQ else "http")
+
+    def test_nothing_is_imported_when_observability_is_off(self) -> None:
+        result = run_python("""
+            import asyncio, sys, streamtools
+            async def main():
+                consumer = streamtools.CONSUMERS["memory"]("q")
+                consumer()(lambda msg: None)
+                async with consumer, streamtools.PRODUCERS["memory"]("q") as producer:
+                    await producer.send("x")
+            asyncio.run(main())
+            print([m for m in ("prometheus_client", "opentelemetry") if m in sys.modules], streamtools._global_hooks)
+        """)
+        assert result.stdout.strip() == "[] []", result.stderr
+
+
+###############################################################################
 # Helpers: the legacy README's usage ##########################################
 ###############################################################################
 
