@@ -1022,6 +1022,7 @@ class Producer(_Endpoint):
                  **options: Any) -> None:
         super().__init__(queue_name, queues_labels, **options)
         self._replies: dict[str, _ReplyFuture] = {}
+        self._replies_ready: asyncio.Future[str] | None = None
         self._closed = False
 
     def _message(self, msg: Any, headers_tag: str | None, header_tag: str | None,
@@ -1193,8 +1194,16 @@ class Producer(_Endpoint):
         SendError. ``flags`` are this transport's ``send_flags``."""
 
     async def _reply_address(self) -> str:
-        """Where replies to this producer's requests go; called per request,
-        it sets up the reply listener once (safely under concurrency)."""
+        """Where replies to this producer's requests go: the address from the
+        transport's ``_listen_for_replies()``, which runs once however many
+        first requests come at the same time (and again after it failed)."""
+        ready = self._replies_ready
+        if ready is None or (ready.done() and not ready.cancelled() and ready.exception() is not None):
+            ready = self._replies_ready = asyncio.ensure_future(self._listen_for_replies())
+        return await asyncio.shield(ready)
+
+    async def _listen_for_replies(self) -> str:
+        """Start listening for replies (handing each to ``_on_reply``); return the address."""
         raise ConfigError(f"{type(self).__name__} does not support request()")
 
 
@@ -1355,6 +1364,9 @@ class Consumer(_Endpoint):
 
     #: Flags the decorator takes on this transport (others' are ignored).
     handler_flags: ClassVar[frozenset[str]] = frozenset()
+    #: False where ``_ack`` has nothing to do (the response is the ack; a
+    #: message taken off an in-process queue is gone): the core skips the call.
+    acks: ClassVar[bool] = True
     #: True where the consumer serves HTTP routes on a host and port.
     listens: ClassVar[bool] = False
 
@@ -1580,7 +1592,8 @@ class Consumer(_Endpoint):
                     except Exception as exc:  # the requester may be gone; the work itself is done
                         log.warning("could not send the reply to message %s of %r: %r", message.id,
                                     self.queue_name, exc)
-                await self._ack(message)
+                if self.acks:
+                    await self._ack(message)
                 if hooks:  # after the reply: a tracing hook's span is current while it is sent
                     _after_handling(hooks, tokens, message, "ok", began, None)
                 return
@@ -1777,6 +1790,7 @@ class MemoryConsumer(Consumer):
     """Consumes a queue of the in-process broker with ``prefetch`` workers."""
 
     in_process = True
+    acks = False
 
     async def _connect(self) -> None:
         self._broker = _memory_broker()
@@ -2159,7 +2173,7 @@ class RabbitMQProducer(_RabbitMQEndpoint, Producer):
     Options: see :class:`_RabbitMQEndpoint`."""
 
     async def _connect(self) -> None:
-        self._reply_consumer: asyncio.Task[str] | None = None
+        self._replies_ready = None
         await self._link.open(self.queue_name)
 
     async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
@@ -2168,22 +2182,15 @@ class RabbitMQProducer(_RabbitMQEndpoint, Producer):
             expiration = timeout  # a request nobody answered in time costs no work later
         await self._link.publish(message, self.queue_name, timeout, expiration=expiration)
 
-    async def _reply_address(self) -> str:
-        # Direct reply-to: consume the pseudo-queue on the publishing channel,
-        # once, however many first requests run at the same time.
-        if self._reply_consumer is None or (self._reply_consumer.done() and self._reply_consumer.exception()):
-            self._reply_consumer = asyncio.ensure_future(self._consume_replies())
-        await asyncio.shield(self._reply_consumer)
-        return _REPLY_TO
-
-    async def _consume_replies(self) -> str:
+    async def _listen_for_replies(self) -> str:
+        # Direct reply-to: consume the pseudo-queue on the publishing channel.
         try:
             queue = await self._link.channel.declare_queue(_REPLY_TO, passive=True)
-            tag: str = await queue.consume(self._on_amqp_reply, no_ack=True)
+            await queue.consume(self._on_amqp_reply, no_ack=True)
         except self._link.lost + (self._link.errors.AMQPError,) as exc:
             raise SendError(f"cannot listen for replies on RabbitMQ at {self.where}: "
                             f"{_cause(exc, self._link.url)}") from None
-        return tag
+        return _REPLY_TO
 
     async def _on_amqp_reply(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
         self._on_reply(incoming.correlation_id, incoming.body, incoming.content_type or "",
@@ -2283,6 +2290,10 @@ def _http_host_url(host: str | None, ssl_context: Any) -> str:
     return f"{'https' if ssl_context else 'http'}://{host}"
 
 
+class _NoAnswer(SendError):
+    """An HTTP request timed out (``request()`` says so as RequestTimeout)."""
+
+
 class _RetryableStatus(Exception):
     def __init__(self, status: int, body: bytes) -> None:
         self.status = status
@@ -2346,8 +2357,9 @@ class HTTPProducer(Producer):
     async def _connect(self) -> None:
         aiohttp = self._client()
         self._aiohttp = aiohttp
+        self._default_timeout = aiohttp.ClientTimeout(total=self.timeout)  # made once, not per request
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
+            timeout=self._default_timeout,
             connector=aiohttp.TCPConnector(limit=self.pool_size, ssl=self._ssl if self._ssl else True))
 
     async def _disconnect(self) -> None:
@@ -2357,25 +2369,17 @@ class HTTPProducer(Producer):
         """The URL a request goes to, fit for a message (no password)."""
         return _redact(endpoint) if endpoint else self._shown_endpoint
 
-    async def _publish(self, message: Message, timeout: float | None, method: str = "POST",
-                       endpoint: str | None = None, **flags: Any) -> Any:
-        timeout = timeout or self.timeout
-        try:
-            return await self._exchange(message, timeout, method, endpoint)
-        except TimeoutError:
-            # Not retried: the consumer may have taken the message and still be working on it.
-            raise SendError(f"{method.upper()} {self._shown(endpoint)} got no answer within {timeout}s; "
-                            "the consumer may still handle it") from None
-
     async def _request(self, message: Message, timeout: float, **flags: Any) -> Any:
         try:
             async with asyncio.timeout(timeout):  # retries included: the caller's deadline is the whole exchange
-                return await self._exchange(message, timeout, flags.get("method", "POST"), flags.get("endpoint"))
-        except TimeoutError:
+                return await self._publish(message, timeout, **flags)
+        except (TimeoutError, _NoAnswer):
             raise RequestTimeout(f"no answer from {self._shown(flags.get('endpoint'))} within {timeout}s") from None
 
-    async def _exchange(self, message: Message, timeout: float, method: str, endpoint: str | None) -> Any:
+    async def _publish(self, message: Message, timeout: float | None, method: str = "POST",
+                       endpoint: str | None = None, **flags: Any) -> Any:
         aiohttp = self._aiohttp
+        timeout = timeout or self.timeout
         method = method.upper()
         url = endpoint or self.endpoint
         shown = self._shown(endpoint)
@@ -2392,7 +2396,7 @@ class HTTPProducer(Producer):
         else:
             headers["Content-Type"] = message.content_type
             params, data = None, message.data
-        client_timeout = aiohttp.ClientTimeout(total=timeout)
+        client_timeout = self._default_timeout if timeout == self.timeout else aiohttp.ClientTimeout(total=timeout)
         attempt = 0
 
         async def once() -> tuple[int, bytes, str]:
@@ -2410,6 +2414,10 @@ class HTTPProducer(Producer):
             status, body, ctype = await _retry(
                 once, what=f"{method} {shown}", retry_on=(aiohttp.ClientConnectionError, _RetryableStatus),
                 fatal=(TimeoutError,), attempts=self.retries + 1, base=self.retry_backoff, cap=5.0)
+        except TimeoutError:
+            # Not retried: the consumer may have taken the message and still be working on it.
+            raise _NoAnswer(f"{method} {shown} got no answer within {timeout}s; "
+                            "the consumer may still handle it") from None
         except _RetryableStatus as exc:
             raise HTTPError(exc.status, _excerpt(exc.body), shown) from None
         except aiohttp.ClientConnectionError as exc:
@@ -2576,6 +2584,7 @@ class HTTPConsumer(Consumer):
     brokered = False
     handler_flags = frozenset({"method"})
     listens = True
+    acks = False
 
     def _check_name(self, queue_name: Any) -> str:
         # The route: "/orders" (legacy) means "orders"; "" or "/" is the root.
@@ -2684,7 +2693,9 @@ class HTTPConsumer(Consumer):
                           id=headers.get("X-Message-Id") or _new_id(), queue=self.queue_name,
                           correlation_id=headers.get("X-Correlation-Id"), reply_to="",
                           attempt=int(attempt) if attempt.isdigit() else 1, raw=request)
-        await self._deliver(message, method, decoded=True)
+        task = asyncio.current_task()
+        assert task is not None
+        await self._deliver_in(task, message, method, decoded=True)
         response: web.StreamResponse = request[_RESPONSE]
         return response
 
@@ -2947,7 +2958,7 @@ class KafkaProducer(_KafkaEndpoint, Producer):
     tells_redelivery = False
 
     async def _connect(self) -> None:
-        self._replies_ready: asyncio.Task[str] | None = None
+        self._replies_ready = None
         self._reply_consumer: Any = None
         self._reply_pump: asyncio.Task[None] | None = None
         await self._ensure_topic(self.queue_name)
@@ -3010,12 +3021,6 @@ class KafkaProducer(_KafkaEndpoint, Producer):
                 outcome = self._send_error(topic, message, outcome)
             results.append(outcome if isinstance(outcome, BaseException) else None)
         return results
-
-    async def _reply_address(self) -> str:
-        ready = self._replies_ready
-        if ready is None or (ready.done() and ready.exception() is not None):
-            ready = self._replies_ready = asyncio.ensure_future(self._listen_for_replies())
-        return await asyncio.shield(ready)
 
     async def _listen_for_replies(self) -> str:
         topic = f"streamtools.reply.{_new_id()}"
@@ -3417,7 +3422,7 @@ class NATSProducer(_NATSEndpoint, Producer):
     for the replies. Options: see :class:`_NATSEndpoint`."""
 
     async def _connect(self) -> None:
-        self._replies_ready: asyncio.Task[str] | None = None
+        self._replies_ready = None
         await self._open()
         await self._ensure_stream(self.stream, self.subject)
 
@@ -3448,12 +3453,6 @@ class NATSProducer(_NATSEndpoint, Producer):
                     outcome = exc
             results.append(outcome if isinstance(outcome, BaseException) else None)
         return results
-
-    async def _reply_address(self) -> str:
-        ready = self._replies_ready
-        if ready is None or (ready.done() and ready.exception() is not None):
-            ready = self._replies_ready = asyncio.ensure_future(self._listen_for_replies())
-        return await asyncio.shield(ready)
 
     async def _listen_for_replies(self) -> str:
         inbox: str = self._nc.new_inbox()
@@ -3737,7 +3736,7 @@ class RedisProducer(_RedisEndpoint, Producer):
     expires when unused. Options: see :class:`_RedisEndpoint`."""
 
     async def _connect(self) -> None:
-        self._replies_ready: asyncio.Task[str] | None = None
+        self._replies_ready = None
         self._reply_pump: asyncio.Task[None] | None = None
         await self._open()
 
@@ -3768,12 +3767,6 @@ class RedisProducer(_RedisEndpoint, Producer):
         except SendError as exc:
             return [exc] * len(batch)
         return [SendError(f"Redis refused the message: {o}") if isinstance(o, Exception) else None for o in outcomes]
-
-    async def _reply_address(self) -> str:
-        ready = self._replies_ready
-        if ready is None or (ready.done() and ready.exception() is not None):
-            ready = self._replies_ready = asyncio.ensure_future(self._listen_for_replies())
-        return await asyncio.shield(ready)
 
     async def _listen_for_replies(self) -> str:
         key = f"streamtools:reply:{_new_id()}"

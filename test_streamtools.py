@@ -2347,8 +2347,8 @@ class TestLegacyUpgrade:
         result = run_python("""
             from streamtools.constants import HTTP, RABBITMQ, ASYNCIO, KAFKA
             from streamtools.queues import HandlerFactory, ConsumerRunner, CONSUMER_LOOPS, PRODUCERS, HandleMsgs
-            from streamtools.consumers import RMQIOConsumerLoop, HTTPConsumerLoop, AsyncIOConsumerLoop
-            from streamtools.producers import RMQIOProducer, HTTPProducer, AsyncIOProducer
+            from streamtools.consumers import RMQIOConsumerLoop, HTTPConsumerLoop, AsyncIOConsumerLoop, KafkaConsumerLoop
+            from streamtools.producers import RMQIOProducer, HTTPProducer, AsyncIOProducer, KafkaProducer
             from streamtools.libs import prepare_aiohttp_app
             from streamtools.factories import ConsumerFactory
             from streamtools import prepare_aiohttp_app as again
@@ -2356,6 +2356,7 @@ class TestLegacyUpgrade:
             assert streamtools.queues.HandleMsgs is HandleMsgs and again is prepare_aiohttp_app
             assert CONSUMER_LOOPS[RABBITMQ] is RMQIOConsumerLoop and PRODUCERS[ASYNCIO] is AsyncIOProducer
             assert PRODUCERS["POSTHandler"] is HTTPProducer and CONSUMER_LOOPS[HTTP] is HTTPConsumerLoop
+            assert CONSUMER_LOOPS[KAFKA] is KafkaConsumerLoop and PRODUCERS[KAFKA] is KafkaProducer
             print(HTTP, RABBITMQ, ASYNCIO, KAFKA)
         """)
         assert result.returncode == 0, result.stderr
