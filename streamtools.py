@@ -1,6 +1,7 @@
-"""streamtools: one async Producer/Consumer API over RabbitMQ, HTTP and an
-in-process broker, picked by name so a service can switch transport from an
-environment variable.
+"""streamtools: one async Producer/Consumer API over RabbitMQ, Kafka, NATS
+JetStream, Redis Streams, HTTP and an in-process broker, picked by name so a
+service can switch transport from an environment variable, with the same
+delivery contract on every one.
 
 Quick start (runs as is, on the embedded memory transport)::
 
@@ -20,15 +21,15 @@ Quick start (runs as is, on the embedded memory transport)::
 
     asyncio.run(main())
 
-Only the standard library is imported here; aio-pika (RabbitMQ) and aiohttp
-(HTTP) are imported by the transport that needs them.
+Only the standard library is imported here; each transport imports its client
+(aio-pika, aiokafka, nats-py, redis, aiohttp) when it is used.
 
 License: MIT (see LICENSE). Copyright (c) 2026 the streamtools developers.
 """
 
 from __future__ import annotations
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 __all__ = [
     "ASYNCIO",
     "AsyncIOConsumerLoop",
