@@ -18,6 +18,7 @@ Quick start (runs as is, on the embedded memory transport)::
 
         async with consumer, streamtools.PRODUCERS[KIND]("greetings") as producer:
             print(await producer.request({"name": "world"}))
+        await consumer.delete_queues()  # leave nothing behind on a broker
 
     asyncio.run(main())
 
