@@ -733,34 +733,53 @@ class Metrics(Hook):
                                                    labels, **options)
         self.in_flight = prometheus.Gauge("streamtools_handlers_in_flight", "Handlers running now.", labels,
                                           **options)
-        self._transports: dict[str, str] = {}
+        self._by_queue: dict[tuple[str, str], tuple[Any, ...]] = {}
+        self._handled: dict[tuple[str, str, str], Any] = {}
+
+    def _children(self, message: Message) -> tuple[Any, ...]:
+        # The labelled children of one queue, looked up once: labels() on every message costs
+        # more than the counting itself.
+        key = (message.queue, message.transport)
+        children = self._by_queue.get(key)
+        if children is None:
+            children = self._by_queue[key] = (
+                self.sent.labels(*key, "ok"), self.sent.labels(*key, "error"), self.send_seconds.labels(*key),
+                self.in_flight.labels(*key), self.handle_seconds.labels(*key), self.failed.labels(*key),
+                self.retried.labels(*key), self.dead_lettered.labels(*key))
+        return children
 
     def on_send(self, message: Message) -> Any:
         return None
 
     def on_sent(self, message: Message, token: Any, duration: float, error: BaseException | None) -> None:
-        transport = message.transport
-        self.sent.labels(message.queue, transport, "ok" if error is None else "error").inc()
+        sent_ok, sent_error, send_seconds, *_ = self._children(message)
         if error is None:
-            self.send_seconds.labels(message.queue, transport).observe(duration)
+            sent_ok.inc()
+            send_seconds.observe(duration)
+        else:
+            sent_error.inc()
 
     def on_handle(self, message: Message) -> Any:
-        self.in_flight.labels(message.queue, message.transport).inc()
+        self._children(message)[3].inc()
         return True
 
     def on_handled(self, message: Message, token: Any, outcome: str, duration: float,
                    error: BaseException | None) -> None:
-        labels = (message.queue, message.transport)
+        _, _, _, in_flight, handle_seconds, failed, retried, dead_lettered = self._children(message)
         if token:
-            self.in_flight.labels(*labels).dec()
-        self.handled.labels(*labels, outcome).inc()
-        self.handle_seconds.labels(*labels).observe(duration)
+            in_flight.dec()
+        key = (message.queue, message.transport, outcome)
+        handled = self._handled.get(key)
+        if handled is None:
+            handled = self._handled[key] = self.handled.labels(*key)
+        handled.inc()
+        handle_seconds.observe(duration)
         if error is not None:
-            self.failed.labels(*labels).inc()
+            failed.inc()
         if outcome == "retried":
-            self.retried.labels(*labels).inc()
+            retried.inc()
         elif outcome == "dead_lettered":
-            self.dead_lettered.labels(*labels).inc()
+            dead_lettered.inc()
 
     def on_connection(self, transport: str, where: str, event: str) -> None:
         if event == "restored":
