@@ -999,6 +999,32 @@ class TestMemory:
 
 
 class TestRabbitMQ:
+    async def test_a_blackholed_link_is_noticed_and_loses_nothing(self, rmq: Kit, hooks_restored: None) -> None:
+        events: list[str] = []
+
+        class Watch(streamtools.Hook):
+            def on_connection(self, transport: str, where: str, event: str) -> None:
+                events.append(event)
+
+        streamtools.use(Watch())
+        assert "heartbeat=9" in PRODUCERS[RABBITMQ]("q", url=RMQ_URL)._link.url  # noticed within 30 s by default
+        got: list[Any] = []
+        async with TcpProxy(5672) as proxy:
+            producer = await rmq.producer(url=f"amqp://guest:guest@127.0.0.1:{proxy.port}/", heartbeat=1,
+                                          send_timeout=30)
+            await producer.send(-1)
+            proxy.blackhole = True  # bytes vanish, nothing closes
+            sends = [asyncio.ensure_future(producer.send(i)) for i in range(20)]
+            await until(lambda: "lost" in events, timeout=12, what="the heartbeat to notice the dead link")
+            proxy.blackhole = False
+            proxy.drop()
+            results = await asyncio.gather(*sends, return_exceptions=True)
+            assert [r for r in results if isinstance(r, BaseException)] == []
+        consumer = rmq.consumer()
+        consumer()(got.append)
+        await consumer.start()
+        await until(lambda: set(got) >= set(range(-1, 20)), timeout=20, what="every confirmed message")
+
     async def test_concurrent_first_requests_all_get_replies(self, rmq: Kit) -> None:
         consumer = rmq.consumer()
         consumer()(lambda msg: msg * 2)
@@ -1655,12 +1681,14 @@ class TestKafka:
 
 class TcpProxy:
     """A loopback TCP proxy to a server, whose connections a test can drop
-    (as a network cut or a server restart would) or refuse for a while."""
+    (as a network cut or a server restart would), refuse for a while, or
+    blackhole (bytes vanish, nothing closes: a dead link)."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.writers: set[asyncio.StreamWriter] = set()
         self.refusing = False
+        self.blackhole = False
 
     async def __aenter__(self) -> TcpProxy:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -1682,6 +1710,8 @@ class TcpProxy:
         async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
             try:
                 while data := await src.read(65536):
+                    if self.blackhole:
+                        continue
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
