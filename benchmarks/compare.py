@@ -12,6 +12,11 @@ the ratio of the medians, so machine noise hits both sides alike.
 - rabbitmq: 20,000 such messages, publish with confirms -> consume -> ack, one
   process, against raw aio-pika written well: one connection, concurrent
   publishes in batches of 500, a consumer with prefetch 256 and manual ack.
+- faststream (with rabbitmq, when FastStream is installed; it is no dependency
+  of streamtools: pip install "faststream[rabbit]" for the benchmark): the
+  same RabbitMQ work through FastStream's RabbitBroker (publish with
+  confirms, a durable queue, a subscriber acknowledging after the handler),
+  against streamtools and against raw aio-pika.
 - kafka: 20,000 such messages, produce with acks=all -> consume -> commit, one
   process, streamtools with send_many() in batches of 500, against raw
   aiokafka written well: one producer enqueueing batches of 500 and then
@@ -168,6 +173,36 @@ async def streamtools_rabbitmq(msgs: list[dict[str, Any]]) -> float:
         channel = await connection.channel()
         for queue in (name, f"{name}.dead"):
             await channel.queue_delete(queue)
+    return rate
+
+
+async def faststream_rabbitmq(msgs: list[dict[str, Any]]) -> float:
+    from faststream.rabbit import RabbitBroker, RabbitQueue
+    name = f"bench-fs-{uuid.uuid4().hex[:8]}"
+    broker = RabbitBroker(RMQ_URL, logger=None)
+    done = asyncio.Event()
+    handled = 0
+
+    @broker.subscriber(RabbitQueue(name, durable=True))
+    async def handle(msg: dict[str, Any]) -> None:
+        nonlocal handled
+        handled += 1
+        if handled == len(msgs):
+            done.set()
+
+    await broker.start()
+    try:
+        started = time.perf_counter()
+        for start in range(0, len(msgs), 500):
+            await asyncio.gather(*(broker.publish(m, queue=name, persist=True) for m in msgs[start:start + 500]))
+        await done.wait()
+        rate = len(msgs) / (time.perf_counter() - started)
+    finally:
+        await broker.stop()
+    import aio_pika
+    connection = await aio_pika.connect(RMQ_URL)
+    async with connection:
+        await (await connection.channel()).queue_delete(name)
     return rate
 
 
@@ -524,6 +559,25 @@ async def compare(pairs: list[tuple[Callable[[], Awaitable[float]], Callable[[],
     return a, b
 
 
+def import_time(rounds: int = 7) -> None:
+    """How long ``import streamtools`` takes in a fresh interpreter (median),
+    beyond Python's start and beyond ``import asyncio``, which it needs."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # cache bytecode as usual
+    here = Path(__file__).resolve().parent.parent
+
+    def run(code: str) -> float:
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=here, env=env)
+        return time.perf_counter() - began
+
+    run("import streamtools")  # compile once, as an installed copy would be
+    bare, plain, loaded = (statistics.median(run(code) for _ in range(rounds))
+                           for code in ("pass", "import asyncio", "import streamtools"))
+    print(f"import streamtools: {(loaded - bare) * 1000:.1f} ms over a bare interpreter, "
+          f"{(loaded - plain) * 1000:.1f} ms over `import asyncio` (medians of {rounds})\n", flush=True)
+
+
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("which", nargs="?", default="all",
@@ -534,6 +588,8 @@ async def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kafka", metavar="HOST:PORT", help="a Kafka broker to use (default: start Tansu)")
     args = parser.parse_args(argv)
     ok = True
+    if args.which == "all":
+        import_time()
     if args.which in ("memory", "all"):
         msgs = messages(200_000)
         a, b = await compare([(lambda: streamtools_memory(msgs), lambda: bare_queue(msgs))], args.rounds)
@@ -544,6 +600,18 @@ async def main(argv: list[str] | None = None) -> int:
         a, b = await compare([(lambda: streamtools_rabbitmq(msgs), lambda: raw_aio_pika(msgs))], args.rounds)
         ok &= report("rabbitmq: 20,000 messages, confirm -> consume -> ack", "streamtools RabbitMQ", a,
                      "raw aio-pika", b, 0.85)
+        try:
+            import faststream  # noqa: F401 - only to know whether it is here
+        except ImportError:
+            print("faststream is not installed: pip install \"faststream[rabbit]\" for its column\n")
+        else:
+            a, b = await compare([(lambda: streamtools_rabbitmq(msgs), lambda: faststream_rabbitmq(msgs))],
+                                 args.rounds)
+            report("rabbitmq: streamtools against FastStream, the same work", "streamtools RabbitMQ", a,
+                   "FastStream RabbitBroker", b, 1.0)
+            a, b = await compare([(lambda: faststream_rabbitmq(msgs), lambda: raw_aio_pika(msgs))], args.rounds)
+            report("rabbitmq: FastStream against raw aio-pika, the same work", "FastStream RabbitBroker", a,
+                   "raw aio-pika", b, 0.0)
     if args.which in ("kafka", "all"):
         msgs = messages(20_000)
         with kafka_broker(args.kafka):
