@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -1024,6 +1025,31 @@ class TestRabbitMQ:
         consumer()(got.append)
         await consumer.start()
         await until(lambda: set(got) >= set(range(-1, 20)), timeout=20, what="every confirmed message")
+
+    async def test_opening_and_closing_in_a_loop_does_not_grow(self, rmq: Kit) -> None:
+        keeper = await rmq.producer()  # holds the shared connection open, as a long-lived service does
+        connection = keeper._link.connection  # type: ignore[attr-defined]
+
+        async def cycle() -> None:
+            consumer = CONSUMER_LOOPS[RABBITMQ](rmq.queue, url=RMQ_URL)
+            consumer()(lambda msg: None)
+            await consumer.start()
+            producer = PRODUCERS[RABBITMQ](rmq.queue, url=RMQ_URL)
+            await producer.send("x")
+            await producer.close()
+            await consumer.stop()
+
+        def footprint() -> tuple[int, int]:
+            gc.collect()
+            return len(asyncio.all_tasks()), len(connection.close_callbacks)
+
+        await cycle()
+        await asyncio.sleep(0.2)
+        before = footprint()
+        for _ in range(50):
+            await cycle()
+        await asyncio.sleep(0.5)
+        assert footprint() == before
 
     async def test_concurrent_first_requests_all_get_replies(self, rmq: Kit) -> None:
         consumer = rmq.consumer()
