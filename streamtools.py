@@ -1861,34 +1861,44 @@ _REPLY_TO = "amq.rabbitmq.reply-to"  # RabbitMQ's direct reply-to pseudo-queue
 _FLOAT_HEADERS = "x-st-floats"
 
 
-def _rmq_url(url: str | None, host: str | None, port: int | str | None, user: str | None,
-             password: str | None, vhost: str | None) -> str:
-    """The AMQP URL from options, else ``RMQ_URL``, else ``RMQ_HOST``... ."""
-    url = url or os.environ.get("RMQ_URL")
-    if url:
-        scheme = urllib.parse.urlsplit(url).scheme if "://" in url else ""
-        if scheme not in ("amqp", "amqps"):
-            raise ConfigError(f"a RabbitMQ URL starts with amqp:// or amqps://, got {_redact(url)!r}")
-        try:
-            urllib.parse.urlsplit(url).port
-        except ValueError:
-            raise ConfigError(f"bad port in RabbitMQ URL {_redact(url)!r}") from None
-        return url
-    host = host or _setting("RMQ_HOST", "localhost")
-    if ":" in host and not host.startswith("["):  # legacy RMQ_HOST=host:port
-        host, _, host_port = host.rpartition(":")
-        port = port or host_port
-    port = _port("RMQ_PORT", port or _setting("RMQ_PORT", "5672"), 1)
+def _rmq_urls(url: str | Sequence[str] | None, host: str | None, port: int | str | None, user: str | None,
+              password: str | None, vhost: str | None) -> list[str]:
+    """The AMQP URLs of the brokers (several: the nodes of a cluster, tried in
+    turn) from options, else ``RMQ_URL``, else ``RMQ_HOST``... ; a list, or
+    comma-separated in a string."""
+    urls = url or os.environ.get("RMQ_URL")
+    if urls:
+        items = [u.strip() for u in (urls.split(",") if isinstance(urls, str) else urls)]
+        if not items or not all(isinstance(u, str) and u for u in items):
+            raise ConfigError(f"url takes an amqp:// URL or a list of them, got {[_redact(str(u)) for u in items]}")
+        for item in items:
+            scheme = urllib.parse.urlsplit(item).scheme if "://" in item else ""
+            if scheme not in ("amqp", "amqps"):
+                raise ConfigError(f"a RabbitMQ URL starts with amqp:// or amqps://, got {_redact(item)!r}")
+            try:
+                urllib.parse.urlsplit(item).port
+            except ValueError:
+                raise ConfigError(f"bad port in RabbitMQ URL {_redact(item)!r}") from None
+        return items
+    hosts = [h.strip() for h in (host or _setting("RMQ_HOST", "localhost")).split(",") if h.strip()]
     user = user if user is not None else _setting("RMQ_USER", "guest")
     password = password if password is not None else _setting("RMQ_PASS", "guest")
     vhost = vhost if vhost is not None else _setting("RMQ_VHOST", "/")
     quote = urllib.parse.quote
-    return f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{host}:{port}/{quote(vhost, safe='')}"
+    result = []
+    for one in hosts or ["localhost"]:
+        one_port = port
+        if ":" in one and not one.startswith("["):  # RMQ_HOST=host:port, as the legacy library took it
+            one, _, host_port = one.rpartition(":")
+            one_port = one_port or host_port
+        number = _port("RMQ_PORT", one_port or _setting("RMQ_PORT", "5672"), 1)
+        result.append(f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{one}:{number}/"
+                      f"{quote(vhost, safe='')}")
+    return result
 
 
-def _cause(exc: BaseException, url: str) -> str:
-    """An error's text for a message of ours, with the URL's password scrubbed."""
-    text = f"{type(exc).__name__}: {exc}"
+def _cause_text(text: str, url: str) -> str:
+    """``text`` with the URL's password scrubbed."""
     password = urllib.parse.urlsplit(url).password or ""
     for secret in {password, urllib.parse.unquote(password)} - {""}:
         text = text.replace(secret, "***")
@@ -1944,18 +1954,19 @@ class _AMQPLink:
     robust connection, a channel with publisher confirms, queue declaration
     and a confirmed publish that survives reconnection."""
 
-    def __init__(self, owner: _Endpoint, url: str | None, host: str | None, port: int | str | None,
+    def __init__(self, owner: _Endpoint, url: str | Sequence[str] | None, host: str | None, port: int | str | None,
                  user: str | None, password: str | None, vhost: str | None, queue_type: str,
                  connect_timeout: float, reconnect_interval: float, send_timeout: float, heartbeat: float) -> None:
         self.aio_pika = owner._client()
         self.errors = importlib.import_module("aiormq").exceptions  # aio-pika's own dependency
         logging.getLogger("aiormq").addHandler(_quiet)
-        self.url = _rmq_url(url, host, port, user, password, vhost)
-        if "heartbeat=" not in self.url:
-            # aiormq gives up on a silent link after (heartbeat + 1) * 3 seconds: the default 60
-            # leaves a blackholed connection unnoticed for 3 minutes; 9 notices it within 30 s.
-            beat = _number("heartbeat", heartbeat, int, 0)
-            self.url += f"{'&' if '?' in self.url else '?'}heartbeat={beat}"
+        # aiormq gives up on a silent link after (heartbeat + 1) * 3 seconds: the default 60
+        # leaves a blackholed connection unnoticed for 3 minutes; 9 notices it within 30 s.
+        beat = _number("heartbeat", heartbeat, int, 0)
+        self.urls = [u if "heartbeat=" in u else f"{u}{'&' if '?' in u else '?'}heartbeat={beat}"
+                     for u in _rmq_urls(url, host, port, user, password, vhost)]
+        self.url = self.urls[0]
+        self.key = ",".join(self.urls)  # the shared connection's
         if queue_type not in ("classic", "quorum"):
             raise ConfigError(f"queue_type must be 'classic' or 'quorum', got {queue_type!r}")
         self.queue_args = {"x-queue-type": queue_type} if queue_type == "quorum" else None
@@ -1970,17 +1981,24 @@ class _AMQPLink:
                                  errors.ConnectionNotAllowed, errors.ProtocolSyntaxError)
         self.no_retry: _Errors = (TimeoutError, errors.DeliveryError, errors.ChannelAccessRefused,
                                   errors.ChannelPreconditionFailed)
-        #: ``host:port`` of the broker, for messages (never the credentials).
-        self.where = _where(self.url)
+        #: ``host:port`` of the brokers, for messages (never the credentials).
+        self.where = ",".join(_where(u) for u in self.urls)
         self.connection: Any = None
         self.channel: Any = None
         self.prefetch = 0
         self.declared: set[str] = set()
 
+    def cause(self, exc: BaseException) -> str:
+        """An error's text for a message of ours, with every URL's password scrubbed."""
+        text = f"{type(exc).__name__}: {exc}"
+        for url in self.urls:
+            text = _cause_text(text, url)
+        return text
+
     # The shared connection.
 
     async def _acquire(self) -> Any:
-        shared = _rmq_connections.setdefault(asyncio.get_running_loop(), {}).setdefault(self.url, _SharedConnection())
+        shared = _rmq_connections.setdefault(asyncio.get_running_loop(), {}).setdefault(self.key, _SharedConnection())
         async with shared.lock:
             if shared.connection is None or shared.connection.is_closed:
                 shared.connection = await self._connect()
@@ -1988,11 +2006,24 @@ class _AMQPLink:
             return shared.connection
 
     async def _connect(self) -> Any:
-        parts = urllib.parse.urlsplit(self.url)
-        await _resolve(parts.hostname or "localhost", parts.port or 5672, f"RabbitMQ at {self.where}")
+        reachable = []
+        for url in self.urls:  # a name that does not resolve is a typo: say so at once
+            parts = urllib.parse.urlsplit(url)
+            try:
+                await _resolve(parts.hostname or "localhost", parts.port or 5672, f"RabbitMQ at {_where(url)}")
+                reachable.append(url)
+            except ConnectionFailed:
+                if len(self.urls) == 1:
+                    raise
+                log.warning("RabbitMQ host %s does not resolve; trying the others", _where(url))
+        if not reachable:
+            raise ConnectionFailed(f"none of the RabbitMQ hosts {self.where} resolves")
+        turn = itertools.cycle(reachable)
 
-        async def connect() -> Any:
-            return await self.aio_pika.connect_robust(self.url, reconnect_interval=self.reconnect_interval,
+        async def connect() -> Any:  # the brokers in turn, one a try
+            url = next(turn)
+            self.url = url
+            return await self.aio_pika.connect_robust(url, reconnect_interval=self.reconnect_interval,
                                                       timeout=min(10.0, self.connect_timeout or 10.0))
 
         try:
@@ -2009,15 +2040,34 @@ class _AMQPLink:
                                    "RMQ_USER, RMQ_PASS and RMQ_VHOST (or RMQ_URL)") from None
         except self.lost + (TimeoutError,) as exc:
             raise ConnectionFailed(f"cannot connect to RabbitMQ at {self.where} within {self.connect_timeout}s: "
-                                   f"{_cause(exc, self.url)}") from None
+                                   f"{self.cause(exc)}") from None
         where = self.where
-        connection.close_callbacks.add(
-            lambda _, exc: _connection_event(RABBITMQ, where, "lost") if isinstance(exc, Exception) else None)
+
+        def lost(_: Any, exc: BaseException | None) -> None:
+            if isinstance(exc, Exception):
+                _connection_event(RABBITMQ, where, "lost")
+                if len(self.urls) > 1:
+                    asyncio.ensure_future(self._fail_over(connection))
+
+        connection.close_callbacks.add(lost)
         connection.reconnect_callbacks.add(lambda _: _connection_event(RABBITMQ, where, "restored"))
         return connection
 
+    async def _fail_over(self, connection: Any) -> None:
+        """While the robust connection is reconnecting, point it at the next
+        broker before each of its attempts (aio-pika takes one URL): a
+        cluster's live node takes over within a few reconnect intervals."""
+        urls = self.urls
+        index = urls.index(self.url) if self.url in urls else 0
+        while not connection.connected.is_set() and not connection.close_called and not connection.is_closed:
+            index = (index + 1) % len(urls)
+            self.url = urls[index]
+            connection.url = type(connection.url)(self.url)
+            log.info("reconnecting to RabbitMQ at %s", _where(self.url))
+            await asyncio.sleep(self.reconnect_interval)
+
     async def _release(self) -> None:
-        shared = _rmq_connections.get(asyncio.get_running_loop(), {}).get(self.url)
+        shared = _rmq_connections.get(asyncio.get_running_loop(), {}).get(self.key)
         if shared is None:
             return
         async with shared.lock:
@@ -2051,7 +2101,7 @@ class _AMQPLink:
                                        f"{list(queues)} within {self.connect_timeout}s") from None
             if isinstance(exc, self.lost + (RuntimeError,)):  # aio-pika: "Connection was not opened"
                 raise ConnectionFailed(f"lost the connection to RabbitMQ at {self.where} while opening a "
-                                       f"channel: {_cause(exc, self.url)}") from None
+                                       f"channel: {self.cause(exc)}") from None
             raise
 
     async def declare(self, name: str) -> Any:
@@ -2145,13 +2195,13 @@ class _AMQPLink:
             raise Unroutable(f"RabbitMQ at {self.where} has no queue {routing_key!r} for the message") from None
         except errors.DeliveryError as exc:
             raise SendError(f"RabbitMQ at {self.where} refused the message to {routing_key!r}: "
-                            f"{_cause(exc, self.url)}") from None
+                            f"{self.cause(exc)}") from None
         except TimeoutError:
             raise SendError(f"RabbitMQ at {self.where} did not confirm the message to {routing_key!r} "
                             f"within {timeout}s") from None
         except self.lost + (errors.AMQPError,) as exc:
             raise SendError(f"lost the connection to RabbitMQ at {self.where} while sending to "
-                            f"{routing_key!r}: {_cause(exc, self.url)}") from None
+                            f"{routing_key!r}: {self.cause(exc)}") from None
 
     async def _publish_reconnecting(self, amqp_message: Any, routing_key: str, mandatory: bool,
                                     deadline: float) -> None:
@@ -2172,10 +2222,12 @@ class _AMQPLink:
 class _RabbitMQEndpoint(_Endpoint):
     """The connection options of both RabbitMQ sides.
 
-    :param url: ``amqp://`` or ``amqps://`` URL; else ``RMQ_URL``, else built
-        from ``host``/``port``/``user``/``password``/``vhost`` (or ``RMQ_HOST``
-        (``host`` or ``host:port``), ``RMQ_PORT``, ``RMQ_USER``, ``RMQ_PASS``,
-        ``RMQ_VHOST``).
+    :param url: ``amqp://`` or ``amqps://`` URL, or a list of them (the nodes
+        of a cluster: tried in turn on connecting and on every reconnection);
+        else ``RMQ_URL`` (comma-separated), else built from ``host``/``port``/
+        ``user``/``password``/``vhost`` (or ``RMQ_HOST`` (``host``,
+        ``host:port``, comma-separated), ``RMQ_PORT``, ``RMQ_USER``,
+        ``RMQ_PASS``, ``RMQ_VHOST``).
     :param queue_type: ``"classic"`` or ``"quorum"`` (replicated, for clusters).
     :param connect_timeout: how long the first connection is retried.
     :param reconnect_interval: pause between reconnection attempts.
@@ -2187,7 +2239,7 @@ class _RabbitMQEndpoint(_Endpoint):
     client = ("aio_pika", "aio-pika")
     address_option = "url"
 
-    def _setup(self, url: str | None = None, host: str | None = None, port: int | str | None = None,
+    def _setup(self, url: str | Sequence[str] | None = None, host: str | None = None, port: int | str | None = None,
                user: str | None = None, password: str | None = None, vhost: str | None = None,
                queue_type: str = "classic", connect_timeout: float = 30.0, reconnect_interval: float = 1.0,
                send_timeout: float = 30.0, heartbeat: float = 9) -> None:
@@ -2236,7 +2288,7 @@ class RabbitMQProducer(_RabbitMQEndpoint, Producer):
             await queue.consume(self._on_amqp_reply, no_ack=True)
         except self._link.lost + (self._link.errors.AMQPError,) as exc:
             raise SendError(f"cannot listen for replies on RabbitMQ at {self.where}: "
-                            f"{_cause(exc, self._link.url)}") from None
+                            f"{self._link.cause(exc)}") from None
         return _REPLY_TO
 
     async def _on_amqp_reply(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:

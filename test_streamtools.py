@@ -1026,6 +1026,38 @@ class TestRabbitMQ:
         await consumer.start()
         await until(lambda: set(got) >= set(range(-1, 20)), timeout=20, what="every confirmed message")
 
+    def test_broker_lists_say_what_to_fix(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        pytest.importorskip("aio_pika")
+        monkeypatch.delenv("RMQ_URL", raising=False)
+        monkeypatch.setenv("RMQ_HOST", "node1, node2:5673")
+        link = PRODUCERS[RABBITMQ]("q")._link  # type: ignore[attr-defined]
+        assert [_ for _ in link.where.split(",")] == ["node1:5672", "node2:5673"]
+        with pytest.raises(streamtools.ConfigError, match="amqp://"):
+            PRODUCERS[RABBITMQ]("q", url=["amqp://guest:guest@a:5672/", "http://b:5672/"])
+        with pytest.raises(streamtools.ConfigError, match="bad port") as info:
+            PRODUCERS[RABBITMQ]("q", url="amqp://guest:s3cret@a:5672/,amqp://guest:s3cret@b:99x/")
+        assert "s3cret" not in str(info.value)
+
+    async def test_the_next_broker_takes_over(self, rmq: Kit) -> None:
+        got: list[Any] = []
+        dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+        async with TcpProxy(5672) as proxy:
+            first = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+            urls = [dead, first, RMQ_URL]
+            consumer = rmq.consumer(url=urls, reconnect_interval=0.2)
+            consumer()(got.append)
+            await consumer.start()  # the dead one first: the next is taken
+            producer = await rmq.producer(consumer, url=urls, reconnect_interval=0.2)
+            await producer.send("through the first")
+            await until(lambda: got == ["through the first"], what="the first message")
+            connection = producer._link.connection  # type: ignore[attr-defined]  # shared with the consumer
+            assert connection.url.port == proxy.port
+            proxy.refusing = True  # that node goes down
+            proxy.drop()
+            await producer.send("after the failover", timeout=20)
+            await until(lambda: "after the failover" in got, timeout=20, what="consuming on another node")
+            assert connection.url.port == 5672
+
     async def test_opening_and_closing_in_a_loop_does_not_grow(self, rmq: Kit) -> None:
         keeper = await rmq.producer()  # holds the shared connection open, as a long-lived service does
         connection = keeper._link.connection  # type: ignore[attr-defined]
