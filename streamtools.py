@@ -2575,6 +2575,13 @@ class _HTTPServer:
     @classmethod
     async def acquire(cls, host: str, port: int, ssl_context: ssl.SSLContext | None,
                       shutdown_timeout: float, app: web.Application | None = None) -> _HTTPServer:
+        lock = _http_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+        async with lock:  # consumers starting at once on one address share one server, not race for it
+            return await cls._acquire(host, port, ssl_context, shutdown_timeout, app)
+
+    @classmethod
+    async def _acquire(cls, host: str, port: int, ssl_context: ssl.SSLContext | None,
+                       shutdown_timeout: float, app: web.Application | None) -> _HTTPServer:
         servers = _http_servers.setdefault(asyncio.get_running_loop(), {})
         server = servers.get((host, port))
         if server is not None and app is not None and server.app is not app:
@@ -2658,6 +2665,7 @@ def _takes_request(fn: Callable[..., Any]) -> bool:
 
 _http_servers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], _HTTPServer]] = \
     weakref.WeakKeyDictionary()
+_http_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 _RESPONSE: Any = "streamtools.response"  # where a request's response waits, on the aiohttp Request
 
 

@@ -1458,6 +1458,15 @@ class TestHTTP:
             with pytest.raises(streamtools.ConnectionFailed, match=f"cannot listen on 127.0.0.1:{port}"):
                 await consumer.start()
 
+    async def test_consumers_started_at_once_on_one_address_share_one_server(self, http: Kit) -> None:
+        port = free_port()
+        consumers = [http.consumer(f"route{i}", port=port) for i in range(3)]
+        for i, consumer in enumerate(consumers):
+            consumer()(lambda msg, i=i: f"route {i}")
+        await asyncio.gather(*(c.start() for c in consumers))
+        for i, consumer in enumerate(consumers):
+            assert await (await http.producer(consumer)).request("x") == f"route {i}"
+
     async def test_consumers_on_one_address_share_one_server(self, http: Kit) -> None:
         first, second = http.consumer("one"), http.consumer("two")
         first()(lambda msg: "from one")
