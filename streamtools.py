@@ -3069,9 +3069,6 @@ class KafkaProducer(_KafkaEndpoint, Producer):
         self._reply_consumer: Any = None
         self._reply_pump: asyncio.Task[None] | None = None
         await self._ensure_topic(self.queue_name)
-        await self._produce_ready()
-
-    async def _produce_ready(self) -> None:
         self._producer = await self._open_producer()
 
     async def _disconnect(self) -> None:
@@ -3947,7 +3944,7 @@ class RedisConsumer(_RedisEndpoint, Consumer):
                        correlation_id=_redis_text(fields, _R_CORRELATION), reply_to=_redis_text(fields, _R_REPLY_TO),
                        attempt=delivered, redelivered=delivered > 1, raw=entry_id)
 
-    async def _take(self, entries: list[Any], delivered: int | dict[bytes, int]) -> None:
+    def _take(self, entries: list[Any], delivered: int | dict[bytes, int]) -> None:
         for entry_id, fields in entries:
             if not fields:  # deleted meanwhile (acknowledged by another member)
                 continue
@@ -3980,7 +3977,7 @@ class RedisConsumer(_RedisEndpoint, Consumer):
                     _, claimed, *_ = await self._r.xautoclaim(self.key, self.group, self.consumer_name,
                                                               int(self.claim_idle * 1000), "0-0", count=room)
                     if claimed:
-                        await self._take(claimed, await self._counts(claimed))
+                        self._take(claimed, await self._counts(claimed))
                         continue
                 found = await self._r.xreadgroup(self.group, self.consumer_name, {self.key: own},
                                                  count=room, block=None if own == "0" else 500)
@@ -3998,9 +3995,9 @@ class RedisConsumer(_RedisEndpoint, Consumer):
                 if not entries:
                     own = ">"
                     continue
-                await self._take(entries, await self._counts(entries))
+                self._take(entries, await self._counts(entries))
             else:
-                await self._take(entries, 1)
+                self._take(entries, 1)
 
     async def _flush_acks(self) -> None:
         """Acknowledge finished entries in batches: XACK and XDEL, one round trip."""
@@ -4069,7 +4066,7 @@ class RedisConsumer(_RedisEndpoint, Consumer):
             log.warning("could not take back entry %s of %r (%r); another member claims it after claim_idle",
                         message.id, self.queue_name, exc)
             return
-        await self._take(claimed, message.attempt + 1)
+        self._take(claimed, message.attempt + 1)
 
     async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
         await self._add(f"streamtools:{self.dead_letter_queue}", Message(
