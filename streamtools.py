@@ -108,6 +108,7 @@ import base64
 import collections
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -1856,6 +1857,11 @@ class MemoryConsumer(Consumer):
 ###############################################################################
 
 _REPLY_TO = "amq.rabbitmq.reply-to"  # RabbitMQ's direct reply-to pseudo-queue
+#: The attempt a message retried through a delay queue comes back for.
+_ATTEMPT = "x-st-attempt"
+#: What RabbitMQ adds to a message it dead-letters (from a delay queue to its queue).
+_DEATH_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
+                  "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason")
 #: Header naming the headers that were floats: AMQP tables would carry them as
 #: 32-bit floats (pamqp), so they travel as exact decimal strings instead.
 _FLOAT_HEADERS = "x-st-floats"
@@ -1922,13 +1928,38 @@ class _SharedConnection:
         self.lock = asyncio.Lock()
 
 
-# One robust connection per URL per event loop, shared by every producer and
-# consumer; each of them opens its own channel on it.
-_rmq_connections: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _SharedConnection]] = \
-    weakref.WeakKeyDictionary()
+# Two robust connections per broker list per event loop, one that publishes and
+# one that consumes (as RabbitMQ advises: a memory or disk alarm blocks every
+# connection that publishes, acknowledgements included), each shared by every
+# producer and consumer of the process; each of them opens its own channel.
+_rmq_connections: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
+                                            dict[tuple[str, str], _SharedConnection]] = weakref.WeakKeyDictionary()
+
+
+class _BlockedReasons(logging.Filter):
+    """Why RabbitMQ blocked a connection ("low on memory"): aiormq only logs it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reasons: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.msg == "Connection %r was blocked by: %r" and len(args) == 2:
+            self.reasons[args[0]] = str(args[1])
+        elif record.msg == "Connection %r was unblocked" and args:
+            self.reasons.pop(args[0], None)
+        return True
+
+
+_blocked = _BlockedReasons()
 _CLOSE_TIMEOUT = 5.0
 
 _Errors = tuple[type[BaseException], ...]
+
+
+class _Nacked(Exception):
+    """RabbitMQ refused a publish (``Basic.Nack``): retried on a fresh channel."""
 
 
 def _cancelling() -> bool:
@@ -1960,6 +1991,7 @@ class _AMQPLink:
         self.aio_pika = owner._client()
         self.errors = importlib.import_module("aiormq").exceptions  # aio-pika's own dependency
         logging.getLogger("aiormq").addHandler(_quiet)
+        logging.getLogger("aiormq.connection").addFilter(_blocked)  # idempotent: the same filter object
         # aiormq gives up on a silent link after (heartbeat + 1) * 3 seconds: the default 60
         # leaves a blackholed connection unnoticed for 3 minutes; 9 notices it within 30 s.
         beat = _number("heartbeat", heartbeat, int, 0)
@@ -1983,10 +2015,22 @@ class _AMQPLink:
                                   errors.ChannelPreconditionFailed)
         #: ``host:port`` of the brokers, for messages (never the credentials).
         self.where = ",".join(_where(u) for u in self.urls)
+        #: "publish" or "consume": which of the process's two connections this link uses.
+        self.role = "publish"
         self.connection: Any = None
         self.channel: Any = None
         self.prefetch = 0
         self.declared: set[str] = set()
+        #: Run after the channel was replaced by a fresh one (a producer listening for replies re-listens).
+        self.on_renew: Callable[[], Awaitable[None]] | None = None
+        self._renewing: asyncio.Lock | None = None
+
+    def sibling(self, role: str) -> _AMQPLink:
+        """A link with the same settings, on the ``role`` connection."""
+        other = copy.copy(self)
+        other.role, other.connection, other.channel, other.declared = role, None, None, set()
+        other.on_renew = other._renewing = None
+        return other
 
     def cause(self, exc: BaseException) -> str:
         """An error's text for a message of ours, with every URL's password scrubbed."""
@@ -1998,7 +2042,8 @@ class _AMQPLink:
     # The shared connection.
 
     async def _acquire(self) -> Any:
-        shared = _rmq_connections.setdefault(asyncio.get_running_loop(), {}).setdefault(self.key, _SharedConnection())
+        shared = _rmq_connections.setdefault(asyncio.get_running_loop(), {}).setdefault(
+            (self.key, self.role), _SharedConnection())
         async with shared.lock:
             if shared.connection is None or shared.connection.is_closed:
                 shared.connection = await self._connect()
@@ -2067,7 +2112,7 @@ class _AMQPLink:
             await asyncio.sleep(self.reconnect_interval)
 
     async def _release(self) -> None:
-        shared = _rmq_connections.get(asyncio.get_running_loop(), {}).get(self.key)
+        shared = _rmq_connections.get(asyncio.get_running_loop(), {}).get((self.key, self.role))
         if shared is None:
             return
         async with shared.lock:
@@ -2086,6 +2131,7 @@ class _AMQPLink:
         self.channel = None
         self.prefetch = prefetch
         self.declared = set()
+        self._renewing = asyncio.Lock()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 await self.connection.connected.wait()  # the shared connection may be reconnecting
@@ -2104,9 +2150,10 @@ class _AMQPLink:
                                        f"channel: {self.cause(exc)}") from None
             raise
 
-    async def declare(self, name: str) -> Any:
+    async def declare(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
         try:
-            queue = await self.channel.declare_queue(name, durable=True, arguments=self.queue_args)
+            queue = await self.channel.declare_queue(name, durable=True,
+                                                     arguments={**(self.queue_args or {}), **(arguments or {})} or None)
         except self.errors.ChannelPreconditionFailed as exc:
             if "'durable'" not in str(exc) and "'auto_delete'" not in str(exc):
                 raise ConfigError(f"queue {name!r} exists on {self.where} with other settings (classic or "
@@ -2123,12 +2170,35 @@ class _AMQPLink:
         return queue
 
     async def _reopen(self) -> None:
-        old, self.channel = self.channel, None
-        await _closing(f"closing a channel to {self.where}", old.close())
-        self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
-        self.exchange = self.channel.default_exchange
+        fresh = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         if self.prefetch:
-            await self.channel.set_qos(prefetch_count=self.prefetch)
+            await fresh.set_qos(prefetch_count=self.prefetch)
+        old, self.channel, self.exchange = self.channel, fresh, fresh.default_exchange
+        # Publishes still waiting for a confirm on the old channel fail with it and are retried.
+        await _closing(f"closing a channel to {self.where}", old.close())
+
+    async def renew(self, channel: Any) -> None:
+        """Replace ``channel`` by a fresh one, unless another send did already.
+        After a failover, RabbitMQ may nack every publish on a channel for as
+        long as a quorum queue elects its leader, while a fresh one is acked."""
+        assert self._renewing is not None
+        async with self._renewing:
+            if self.channel is not channel or self.connection is None:
+                return
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await self._reopen()
+            except Exception as exc:  # the retry goes on on the old channel, or after a reconnection
+                log.debug("could not open a fresh channel to %s: %r", self.where, exc)
+                return
+            if self.on_renew is not None:
+                await self.on_renew()
+
+    def blocked(self) -> str | None:
+        """The reason RabbitMQ gave for blocking this link's connection, if it did."""
+        transport = getattr(self.connection, "transport", None)
+        connection = getattr(transport, "connection", None)
+        return _blocked.reasons.get(connection) if connection is not None else None
 
     async def close(self) -> None:
         if self.channel is not None:
@@ -2167,17 +2237,26 @@ class _AMQPLink:
     async def publish(self, message: Message, routing_key: str, timeout: float | None = None,
                       mandatory: bool = True, expiration: float | None = None) -> None:
         """Publish to ``routing_key`` and wait for the broker's confirm. A
-        lost connection is retried until the send timeout: the message is
-        either confirmed or an error is raised, never dropped."""
+        lost connection and a nack are retried until the send timeout: the
+        message is either confirmed or an error is raised, never dropped."""
         timeout = self.send_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         errors = self.errors
         amqp_message = self.message(message, expiration)
+        nacked: list[str] = []  # the broker's refusals: what a send that times out says
         try:
             try:
                 if self.connection.connected.is_set():  # the hot path, one await deep
+                    channel = self.channel
                     await self.exchange.publish(amqp_message, routing_key, mandatory=mandatory, timeout=timeout)
                     return
+            except errors.PublishError:
+                raise
+            except errors.DeliveryError as exc:
+                nacked.append(self.cause(exc))
+                log.warning("RabbitMQ at %s refused a message to %r (%s); retrying on a fresh channel",
+                            self.where, routing_key, nacked[-1])
+                await self.renew(channel)
             except self.no_retry:
                 raise
             except self.lost as exc:
@@ -2190,33 +2269,46 @@ class _AMQPLink:
                 # heartbeat) with CancelledError: that is a lost connection, not our cancellation.
                 log.warning("publishing to %r on %s was cut with its connection; retrying as it comes back",
                             routing_key, self.where)
-            await self._publish_reconnecting(amqp_message, routing_key, mandatory, deadline)
+            await self._publish_reconnecting(amqp_message, routing_key, mandatory, deadline, nacked)
         except errors.PublishError:
             raise Unroutable(f"RabbitMQ at {self.where} has no queue {routing_key!r} for the message") from None
-        except errors.DeliveryError as exc:
-            raise SendError(f"RabbitMQ at {self.where} refused the message to {routing_key!r}: "
-                            f"{self.cause(exc)}") from None
         except TimeoutError:
-            raise SendError(f"RabbitMQ at {self.where} did not confirm the message to {routing_key!r} "
-                            f"within {timeout}s") from None
+            if nacked:
+                raise SendError(f"RabbitMQ at {self.where} refused the message to {routing_key!r} on every try "
+                                f"for {timeout}s: {nacked[-1]}") from None
+            blocked = self.blocked()
+            raise SendError(f"RabbitMQ at {self.where} did not confirm the message to {routing_key!r} within "
+                            f"{timeout}s" + (f": it blocks publishing ({blocked})" if blocked else "")) from None
         except self.lost + (errors.AMQPError,) as exc:
             raise SendError(f"lost the connection to RabbitMQ at {self.where} while sending to "
                             f"{routing_key!r}: {self.cause(exc)}") from None
 
     async def _publish_reconnecting(self, amqp_message: Any, routing_key: str, mandatory: bool,
-                                    deadline: float) -> None:
+                                    deadline: float, nacked: list[str]) -> None:
+        errors = self.errors
+
         async def publish() -> None:
             # The robust channel waits for a reconnection with no limit: bound it.
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                channel = self.channel
                 try:
                     await self.exchange.publish(amqp_message, routing_key, mandatory=mandatory)
+                except errors.PublishError:
+                    raise
+                except errors.DeliveryError as exc:
+                    nacked.append(self.cause(exc))
+                    await self.renew(channel)
+                    raise _Nacked(nacked[-1]) from None
                 except asyncio.CancelledError:
                     if _cancelling():
                         raise
                     raise ConnectionError("the connection was closed under the publish") from None
 
-        await _retry(publish, what=f"publishing to {routing_key!r} on {self.where}", retry_on=self.lost,
-                     fatal=self.no_retry, deadline=deadline, base=0.1, cap=2.0)
+        try:
+            await _retry(publish, what=f"publishing to {routing_key!r} on {self.where}",
+                         retry_on=self.lost + (_Nacked,), fatal=self.no_retry, deadline=deadline, base=0.1, cap=2.0)
+        except _Nacked:
+            raise TimeoutError from None  # refused until the deadline
 
 
 class _RabbitMQEndpoint(_Endpoint):
@@ -2282,14 +2374,21 @@ class RabbitMQProducer(_RabbitMQEndpoint, Producer):
         await self._link.publish(message, self.queue_name, timeout, expiration=expiration)
 
     async def _listen_for_replies(self) -> str:
-        # Direct reply-to: consume the pseudo-queue on the publishing channel.
+        # Direct reply-to: consume the pseudo-queue on the publishing channel (again on a fresh one).
         try:
             queue = await self._link.channel.declare_queue(_REPLY_TO, passive=True)
             await queue.consume(self._on_amqp_reply, no_ack=True)
         except self._link.lost + (self._link.errors.AMQPError,) as exc:
             raise SendError(f"cannot listen for replies on RabbitMQ at {self.where}: "
                             f"{self._link.cause(exc)}") from None
+        self._link.on_renew = self._relisten
         return _REPLY_TO
+
+    async def _relisten(self) -> None:
+        try:
+            await self._listen_for_replies()
+        except SendError as exc:  # requests sent from now on time out; their senders are told so
+            log.warning("%s", exc)
 
     async def _on_amqp_reply(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
         self._on_reply(incoming.correlation_id, incoming.body, incoming.content_type or "",
@@ -2312,11 +2411,33 @@ class RabbitMQConsumer(_RabbitMQEndpoint, Consumer):
     """Consumes a durable RabbitMQ queue with QoS ``prefetch``, acknowledging
     each message after its handler returned. Takes the connection options of
     :class:`RabbitMQProducer` and the delivery options of :class:`Consumer`.
-    After a lost connection it resumes by itself."""
+    After a lost connection it resumes by itself.
+
+    It consumes on the process's consuming connection and publishes (dead
+    letters, replies, retries) on its publishing one, opened when first needed.
+    A failed attempt waits out its backoff in the broker, in the delay queue
+    ``<queue>.retry.<attempt>`` (declared when first needed), which hands it
+    back to the queue when it expires: its prefetch slot is free meanwhile, and
+    the attempt count travels in the ``x-st-attempt`` header."""
 
     async def _connect(self) -> None:
         self._consumer_tag: str | None = None
+        self._link.role = "consume"
+        self._out = self._link.sibling("publish")
+        self._out_lock = asyncio.Lock()
         self._queue, = await self._link.open(self.queue_name, prefetch=self.prefetch)
+
+    async def _publisher(self) -> _AMQPLink:
+        """The link to publish on, opened when first needed."""
+        if self._out.channel is None:
+            async with self._out_lock:
+                if self._out.channel is None:
+                    await self._out.open()
+        return self._out
+
+    async def _disconnect(self) -> None:
+        await self._out.close()
+        await self._link.close()
 
     async def _start_intake(self) -> None:
         self._consumer_tag = await self._queue.consume(self._on_message)
@@ -2334,13 +2455,23 @@ class RabbitMQConsumer(_RabbitMQEndpoint, Consumer):
         # aio-pika runs this in a task of its own per message; QoS bounds how many.
         if self._stopping:
             return  # left unacknowledged: the broker gets it back when the channel closes
-        headers = _amqp_headers(incoming) if incoming.headers else {}
-        count = headers.get("x-delivery-count")  # quorum queues count redeliveries
+        attempt = 1
+        if incoming.headers:
+            headers = _amqp_headers(incoming)
+            retried = headers.pop(_ATTEMPT, None)
+            if isinstance(retried, int):  # back from a delay queue, which added its x-death record
+                attempt = retried
+                for key in _DEATH_HEADERS:
+                    headers.pop(key, None)
+            count = headers.get("x-delivery-count")  # quorum queues count redeliveries
+            if isinstance(count, int):
+                attempt += count
+        else:
+            headers = {}
         await self._deliver(Message(
             data=incoming.body, content_type=incoming.content_type or "", headers=headers,
             id=incoming.message_id or "", queue=self.queue_name, correlation_id=incoming.correlation_id,
-            reply_to=incoming.reply_to, attempt=1 + count if isinstance(count, int) else 1,
-            redelivered=bool(incoming.redelivered), raw=incoming))
+            reply_to=incoming.reply_to, attempt=attempt, redelivered=bool(incoming.redelivered), raw=incoming))
 
     async def _ack(self, message: Message) -> None:
         try:
@@ -2355,23 +2486,49 @@ class RabbitMQConsumer(_RabbitMQEndpoint, Consumer):
         except Exception as exc:
             log.debug("nack of %s: %r (the broker requeues it with the channel)", message.id, exc)
 
+    async def _retry_later(self, message: Message, delay: float) -> bool:
+        name = f"{self.queue_name}.retry.{message.attempt}"
+        headers = {**message.headers, _ATTEMPT: message.attempt + 1}
+        headers.pop("x-delivery-count", None)
+        again = Message(data=message.data, content_type=message.content_type, headers=headers, id=message.id,
+                        correlation_id=message.correlation_id, reply_to=message.reply_to)
+        try:
+            out = await self._publisher()
+            if name not in out.declared:
+                # A queue per attempt: its messages all wait about as long, so one expiring at the head
+                # never holds back a shorter wait behind it; a wait ends in the consumer's queue.
+                arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.queue_name}
+                if out.queue_args:  # quorum: dead-lettering is confirmed, never dropped
+                    arguments.update({"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
+                await out.declare(name, arguments)
+            await out.publish(again, name, expiration=delay)
+        except Exception as exc:
+            log.warning("could not hand message %s of %r to the broker for its retry (%r); it waits here",
+                        message.id, self.queue_name, exc)
+            return False
+        await self._ack(message)
+        return True
+
     async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
-        if self.dead_letter_queue not in self._link.declared:  # declared when first needed
-            await self._link.declare(self.dead_letter_queue)
+        out = await self._publisher()
+        if self.dead_letter_queue not in out.declared:  # declared when first needed
+            await out.declare(self.dead_letter_queue)
         dead = Message(data=message.data, content_type=message.content_type, headers=headers, id=message.id,
                        correlation_id=message.correlation_id)
-        await self._link.publish(dead, self.dead_letter_queue)
+        await out.publish(dead, self.dead_letter_queue)
 
     async def _reply(self, message: Message, result: Any, error: str | None) -> None:
         data, content_type, headers = _reply_payload(result, error)
         reply = Message(data=data, content_type=content_type, headers=headers, id=_new_id(),
                         correlation_id=message.correlation_id)
         # Not mandatory: a requester that gave up has no reply queue any more.
-        await self._link.publish(reply, message.reply_to or "", mandatory=False)
+        await (await self._publisher()).publish(reply, message.reply_to or "", mandatory=False)
 
     async def delete_queues(self) -> None:
-        """Delete this consumer's queue and its dead-letter queue on the broker."""
-        await self._link.delete(self.queue_name, self.dead_letter_queue)
+        """Delete this consumer's queue, its dead-letter queue and its delay
+        queues on the broker."""
+        await self._link.delete(self.queue_name, self.dead_letter_queue,
+                                *(f"{self.queue_name}.retry.{n}" for n in range(1, self.max_retries + 1)))
 
 
 ###############################################################################

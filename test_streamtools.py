@@ -780,6 +780,7 @@ class TestBrokerContract:
         assert headers["x-error"] == "ValueError: boom"
         assert headers["x-attempts"] == 3 and headers["x-original-queue"] == broker_kit.queue
         assert headers["X-Trace"] == "t-1"
+        assert not {"x-death", "x-st-attempt", "x-delivery-count"} & set(headers)  # no transport internals
         assert len(dead) == 1
 
     async def test_retry_then_success_is_not_dead_lettered(self, broker_kit: Kit) -> None:
@@ -1117,6 +1118,196 @@ class TestMemory:
 ###############################################################################
 
 
+class RabbitCluster:
+    """Three RabbitMQ nodes of the tests' own, clustered on loopback ports, with
+    their own node names, data directories and Erlang cookie (never the broker
+    on 5672); stopped by their PIDs."""
+
+    def __init__(self, root: Path) -> None:
+        def tool(name: str) -> str | None:
+            # As root, /usr/sbin/<name> switches to the rabbitmq user and drops our environment.
+            own = Path("/usr/lib/rabbitmq/bin") / name
+            return str(own) if os.access(own, os.X_OK) else shutil.which(name)
+
+        self.server, self.ctl_path = tool("rabbitmq-server"), tool("rabbitmqctl")
+        self.root = root
+        tag = uuid.uuid4().hex[:6]
+        self.nodes = [f"st{tag}n{i}@localhost" for i in range(3)]
+        self.ports = [free_port() for _ in self.nodes]
+        self.dist_ports = [free_port() for _ in self.nodes]
+        self.cookie = uuid.uuid4().hex
+        self.urls = [f"amqp://guest:guest@127.0.0.1:{port}/" for port in self.ports]
+
+    def env(self, i: int) -> dict[str, str]:
+        base = self.root / f"n{i}"
+        return {**os.environ, "HOME": str(base), "RABBITMQ_NODENAME": self.nodes[i],
+                "RABBITMQ_NODE_PORT": str(self.ports[i]), "RABBITMQ_DIST_PORT": str(self.dist_ports[i]),
+                "RABBITMQ_MNESIA_BASE": str(base / "mnesia"), "RABBITMQ_LOG_BASE": str(base / "log"),
+                "RABBITMQ_PID_FILE": str(base / "pid"), "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+                "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
+                "RABBITMQ_CONF_ENV_FILE": "/dev/null", "ERL_EPMD_ADDRESS": "127.0.0.1",
+                "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}"}
+
+    def ctl(self, i: int, *args: str, timeout: float = 90) -> str:
+        assert self.ctl_path is not None
+        done = subprocess.run([self.ctl_path, "-n", self.nodes[i], *args], env=self.env(i), capture_output=True,
+                              text=True, timeout=timeout)
+        assert done.returncode == 0, f"rabbitmqctl {' '.join(args)} on {self.nodes[i]}: {done.stderr[-2000:]}"
+        return done.stdout
+
+    def start(self) -> None:
+        assert self.server is not None
+        for i in range(3):
+            base = self.root / f"n{i}"
+            base.mkdir()
+            (base / ".erlang.cookie").write_text(self.cookie)
+            (base / ".erlang.cookie").chmod(0o600)
+            (base / "enabled_plugins").write_text("[].\n")
+            (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.ports[i]}\n")
+            subprocess.run([self.server, "-detached"], env=self.env(i), check=True, capture_output=True, timeout=60)
+        for i in range(3):  # the PID file appears, then the node finishes booting
+            self.ctl(i, "wait", str(self.root / f"n{i}" / "pid"), "--timeout", "90")
+        for i in (1, 2):
+            self.ctl(i, "stop_app")
+            self.ctl(i, "join_cluster", self.nodes[0])
+            self.ctl(i, "start_app")
+
+    def pid(self, i: int) -> int | None:
+        try:
+            return int((self.root / f"n{i}" / "pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def kill(self, i: int) -> None:
+        pid = self.pid(i)
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for i in range(3):
+            pid = self.pid(i)
+            if pid is None:
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for i in range(3):
+            self.kill(i)  # what did not stop within its grace
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
+    pytest.importorskip("aio_pika")
+    cluster = RabbitCluster(tmp_path_factory.mktemp("rabbit-cluster"))
+    if cluster.server is None or cluster.ctl_path is None:
+        if os.environ.get("STREAMTOOLS_REQUIRE_BROKER") == "1":
+            pytest.fail("rabbitmq-server is not installed and STREAMTOOLS_REQUIRE_BROKER=1")
+        pytest.skip("rabbitmq-server is not installed here, so no cluster of the tests' own can start")
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.cluster
+class TestRabbitMQCluster:
+    """Against the tests' own 3-node cluster: deselect with -m "not cluster"."""
+
+    async def test_a_memory_alarm_blocks_sending_not_consuming(self, rabbit_cluster: RabbitCluster) -> None:
+        queue = f"st-alarm-{uuid.uuid4().hex[:8]}"
+        urls = rabbit_cluster.urls[1:]  # node 1 may be gone: another test kills it
+        producer = PRODUCERS[RABBITMQ](queue, url=urls)
+        await producer.a_init()
+        for n in range(300):
+            await producer.send(n)
+        handled: list[int] = []
+        consumer = CONSUMER_LOOPS[RABBITMQ](queue, url=urls, prefetch=10)
+
+        @consumer()
+        async def take(n: int) -> None:
+            handled.append(n)
+
+        # A memory alarm on any node blocks every connection of the cluster that publishes.
+        rabbit_cluster.ctl(1, "set_vm_memory_high_watermark", "0.0000001")
+        try:
+            blocked = asyncio.ensure_future(producer.send("while blocked", timeout=3))
+            await asyncio.sleep(0.5)
+            await consumer.start()
+            await until(lambda: len(handled) == 300, timeout=20, what="the backlog, consumed during the alarm")
+            with pytest.raises(streamtools.SendError, match=r"blocks publishing \(low on memory\)"):
+                await blocked
+        finally:
+            rabbit_cluster.ctl(1, "set_vm_memory_high_watermark", "0.4")
+        await consumer.stop()
+        await producer.close()
+
+    async def test_a_node_killed_mid_stream_loses_nothing_and_stalls_nobody(
+            self, rabbit_cluster: RabbitCluster) -> None:
+        queue = f"st-cluster-{uuid.uuid4().hex[:8]}"
+        urls = rabbit_cluster.urls  # node 1 first: it leads the queue and both sides start on it
+        got: set[int] = set()
+        consumer = CONSUMER_LOOPS[RABBITMQ](queue, url=urls, queue_type="quorum", prefetch=20, reconnect_interval=0.5)
+
+        @consumer()
+        async def take(n: int) -> None:
+            got.add(n)
+
+        await consumer.start()
+        producer = PRODUCERS[RABBITMQ](queue, url=urls, queue_type="quorum", reconnect_interval=0.5)
+        await producer.a_init()
+        confirmed: list[int] = []
+        failed: list[BaseException] = []
+        slowest = [0.0]
+        killed_at: list[int] = []
+
+        async def stream(first: int) -> None:
+            for n in range(first, first + 300):
+                began = time.monotonic()
+                try:
+                    await producer.send(n)
+                except streamtools.SendError as exc:
+                    failed.append(exc)
+                else:
+                    confirmed.append(n)
+                slowest[0] = max(slowest[0], time.monotonic() - began)
+                await asyncio.sleep(0.01)
+
+        async def kill_node_1() -> None:
+            await until(lambda: len(confirmed) >= 200, timeout=30, what="the stream to get going")
+            killed_at.append(len(confirmed))
+            await asyncio.to_thread(rabbit_cluster.kill, 0)
+
+        await asyncio.gather(kill_node_1(), *(stream(k * 1000) for k in range(4)))
+        assert failed == []  # sends during the election waited for it instead of raising
+        assert len(confirmed) == 1200 and killed_at[0] < 1000
+        assert slowest[0] < 20, f"a send took {slowest[0]:.1f}s"
+        await until(lambda: got >= set(confirmed), timeout=60,
+                    what=f"every confirmed message ({len(set(confirmed) - got)} missing)")
+        await consumer.stop()
+        await producer.close()
+
+
+async def rmq_queue_exists(name: str) -> bool:
+    import aio_pika
+    connection = await aio_pika.connect(RMQ_URL)
+    async with connection:
+        try:
+            await (await connection.channel()).declare_queue(name, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+
+
 class TestRabbitMQ:
     async def test_a_blackholed_link_is_noticed_and_loses_nothing(self, rmq: Kit, hooks_restored: None) -> None:
         events: list[str] = []
@@ -1236,27 +1427,42 @@ class TestRabbitMQ:
             assert queue.declaration_result.message_count == 0
 
     async def test_dead_letter_queue_is_declared_only_when_needed(self, rmq: Kit) -> None:
-        import aio_pika
         consumer = rmq.consumer(max_retries=0)
         consumer()(lambda msg: 1 / 0 if msg == "bad" else None)
         await consumer.start()
-
-        async def exists(name: str) -> bool:
-            connection = await aio_pika.connect(RMQ_URL)
-            async with connection:
-                try:
-                    await (await connection.channel()).declare_queue(name, passive=True)
-                except aio_pika.exceptions.ChannelNotFoundEntity:
-                    return False
-                return True
-
         producer = await rmq.producer(consumer)
         await producer.send("good")
         await asyncio.sleep(0.3)
-        assert not await exists(consumer.dead_letter_queue)
+        assert not await rmq_queue_exists(consumer.dead_letter_queue)
         await producer.send("bad")
         await asyncio.sleep(0.5)
-        assert await exists(consumer.dead_letter_queue)
+        assert await rmq_queue_exists(consumer.dead_letter_queue)
+
+    async def test_a_retry_waits_in_a_delay_queue_and_keeps_its_count_across_restarts(self, rmq: Kit) -> None:
+        attempts: list[int] = []
+        first = rmq.consumer(max_retries=3, retry_backoff=1.0, retry_backoff_max=1.0)
+
+        @first()
+        async def fails(msg: Any) -> None:
+            attempts.append(current_message().attempt)
+            raise ValueError("not yet")
+
+        await first.start()
+        producer = await rmq.producer(first)
+        assert not await rmq_queue_exists(f"{rmq.queue}.retry.1")  # declared when first needed
+        await producer.send("job")
+        await until(lambda: attempts, what="the first attempt")
+        await first.stop(timeout=5)  # nothing to drain: the broker holds the message for its backoff
+        assert attempts == [1]
+        assert await rmq_queue_exists(f"{rmq.queue}.retry.1")
+        seen: list[tuple[Any, int, dict[str, Any]]] = []
+        second = rmq.consumer(max_retries=3)
+        second()(lambda msg: seen.append((msg, current_message().attempt, dict(current_message().headers))))
+        await second.start()
+        await until(lambda: seen, timeout=10, what="the retried message")
+        msg, attempt, headers = seen[0]
+        assert (msg, attempt) == ("job", 2)  # the count came with the message, not from the consumer
+        assert not {"x-death", "x-st-attempt"} & set(headers)
 
     async def test_the_library_is_silent_when_the_app_configured_no_logging(self) -> None:
         rabbitmq_available()
@@ -1327,12 +1533,31 @@ class TestRabbitMQ:
         await rabbitmqctl("set_policy", queue, f"^{queue}$", '{"max-length": 0, "overflow": "reject-publish"}',
                           "--apply-to", "queues")
         try:
-            producer = await rmq.producer(queue)
+            producer = await rmq.producer(queue, send_timeout=1.5)
             await asyncio.sleep(0.5)  # the policy reaches the new queue
-            with pytest.raises(streamtools.SendError, match=f"refused the message to '{queue}'"):
+            began = time.monotonic()
+            with pytest.raises(streamtools.SendError, match=f"refused the message to '{queue}' on every try"):
                 await producer.send("no room")
+            assert time.monotonic() - began > 1.2  # retried until send_timeout, not failed at the first nack
+            # A send still retrying when the broker makes room goes through.
+            patient = await rmq.producer(queue, send_timeout=30)
+            sending = asyncio.create_task(patient.send("room at last"))
+            await asyncio.sleep(1.0)
+            assert not sending.done()
         finally:
             await rabbitmqctl("clear_policy", queue)
+        await asyncio.wait_for(sending, 20)
+        got: list[Any] = []
+        consumer = rmq.consumer(queue)
+
+        @consumer()
+        async def take(msg: Any) -> None:
+            got.append(msg)
+
+        await consumer.start()
+        await until(lambda: got, what="the message sent after the broker made room")
+        await asyncio.sleep(0.3)
+        assert got == ["room at last"]
 
     async def test_quorum_queue_and_mismatched_declaration(self, rmq: Kit) -> None:
         got: list[Any] = []
