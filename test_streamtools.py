@@ -1193,15 +1193,25 @@ class RabbitCluster:
                 return
             time.sleep(0.05)
 
+    def processes(self) -> list[int]:
+        """Every process of this cluster (by its directory on the command line),
+        including a node that never got to write its PID file."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if str(self.root).encode() in (entry / "cmdline").read_bytes():
+                        found.append(int(entry.name))
+        return found
+
     def stop(self) -> None:
-        for i in range(3):
-            pid = self.pid(i)
-            if pid is None:
-                continue
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        for i in range(3):
-            self.kill(i)  # what did not stop within its grace
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.processes():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 15
+            while self.processes() and time.monotonic() < deadline:
+                time.sleep(0.1)
 
 
 @pytest.fixture(scope="session")
