@@ -673,6 +673,31 @@ class TestContract:
         await until(lambda: handled == 20, what="20 messages")
         assert peak == 4
 
+    async def test_a_slow_message_does_not_hold_back_the_others(self, kit: Kit) -> None:
+        release = asyncio.Event()
+        handled: list[int] = []
+        consumer = kit.consumer(prefetch=4)
+
+        @consumer()
+        async def work(i: int) -> None:
+            if i == 0:
+                slow.append(i)
+                await release.wait()
+            handled.append(i)
+
+        slow: list[int] = []
+        await consumer.start()
+        producer = await kit.producer(consumer)
+        sends = [asyncio.ensure_future(producer.send(0))]  # on HTTP, send waits for the handler
+        await until(lambda: slow, what="the slow message to start")
+        sends += [asyncio.ensure_future(producer.send(i)) for i in range(1, 41)]
+        # The 40 behind it finish (and are acknowledged one by one) while the first still runs.
+        await until(lambda: len(handled) == 40, what="the messages behind a slow one")
+        assert 0 not in handled
+        release.set()
+        await asyncio.gather(*sends)
+        await until(lambda: len(handled) == 41, what="the slow message")
+
     async def test_stop_drains_in_flight_work(self, kit: Kit) -> None:
         started: set[int] = set()
         finished: set[int] = set()
