@@ -1050,9 +1050,15 @@ class Producer(_Endpoint):
     def _message(self, msg: Any, headers_tag: str | None, header_tag: str | None,
                  content_type: str | None, headers: Mapping[str, Any] | None,
                  message_id: str | None) -> Message:
-        data, ctype = encode(msg, _content_type(headers_tag or header_tag, content_type))
+        if content_type is None and headers_tag is None and header_tag is None and type(msg) in _JSON_CONTAINERS:
+            try:  # the common case, first, without encode()'s calls
+                data, ctype = _json_encode(msg).encode(), JSON
+            except (TypeError, ValueError, RecursionError):
+                data, ctype = _to_json(msg), JSON  # raises the EncodeError
+        else:
+            data, ctype = encode(msg, _content_type(headers_tag or header_tag, content_type))
         return Message(body=msg, data=data, content_type=ctype, headers=dict(headers) if headers else {},
-                       id=message_id or _new_id(), queue=self.queue_name)
+                       id=message_id or _new_id(), queue=self.queue_name, transport=self.transport)
 
     async def _ensure_open(self) -> None:
         if self._closed:
@@ -1091,7 +1097,9 @@ class Producer(_Endpoint):
             await self._ensure_open()
         if self._hooks or _global_hooks:
             return await self._observed(self._publish, message, timeout, flags)
-        return await self._publish(message, timeout, **flags)
+        if flags:
+            return await self._publish(message, timeout, **flags)
+        return await self._publish(message, timeout)
 
     async def _observed(self, publish: Callable[..., Awaitable[Any]], message: Message, timeout: Any,
                         flags: dict[str, Any]) -> Any:
@@ -1566,7 +1574,12 @@ class Consumer(_Endpoint):
                     return
             if not decoded:
                 try:
-                    message.body = decode(message.data, message.content_type)
+                    # decode() without its two calls: a tenth of the memory transport's time per message
+                    content_type = message.content_type
+                    try:
+                        message.body = (_decoders.get(content_type) or _decoder(content_type))(message.data)
+                    except (ValueError, LookupError) as exc:
+                        raise DecodeError(f"body is not valid {content_type}: {exc}") from None
                 except DecodeError as exc:  # no retry can fix a poison message
                     settled = True
                     # Dead-letter it as opaque bytes, so the dead-letter queue stays readable.
@@ -1577,12 +1590,14 @@ class Consumer(_Endpoint):
                     await self._give_up(message, exc)
                     return
             handler = self._handlers[key][1]
+            tokens: list[Any] = []
+            began = 0.0
             while True:
-                tokens: list[Any] = []
-                began = time.perf_counter()
                 token = _current.set(message)
                 try:
                     if hooks:
+                        tokens = []
+                        began = time.perf_counter()
                         for hook in hooks:  # a hook that raises fails the attempt, as the handler would
                             tokens.append(hook.on_handle(message))
                     result = await handler(message.body)
