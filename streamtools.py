@@ -3353,23 +3353,24 @@ class KafkaProducer(_KafkaEndpoint, Producer):
             except errors.KafkaError as exc:
                 acks.append(self._send_error(topic, message, exc))
 
-        futures = [ack for ack in acks if not isinstance(ack, BaseException)]
         try:
-            if timeout is None:
-                outcomes = iter(await asyncio.gather(*futures, return_exceptions=True))
-            else:
-                async with asyncio.timeout(timeout):
-                    outcomes = iter(await asyncio.gather(*futures, return_exceptions=True))
+            async with asyncio.timeout(timeout):
+                return [await self._outcome(topic, message, ack) for message, ack in zip(batch, acks)]
         except TimeoutError:
             raise SendError(f"Kafka at {self.where} did not acknowledge {len(batch)} records to {topic!r} "
                             f"within {timeout}s") from None
-        results: list[Any] = []
-        for message, ack in zip(batch, acks):
-            outcome = ack if isinstance(ack, BaseException) else next(outcomes)
-            if isinstance(outcome, self._errors.KafkaError):
-                outcome = self._send_error(topic, message, outcome)
-            results.append(outcome if isinstance(outcome, BaseException) else None)
-        return results
+
+    async def _outcome(self, topic: str, message: Message, ack: Any) -> Any:
+        # Awaited in order rather than gathered: a record's future is done by the time the one
+        # before it is (a partition's batch is acknowledged at once), so this rarely suspends and
+        # costs no callback per record.
+        if isinstance(ack, BaseException):
+            return ack
+        try:
+            await ack
+        except self._errors.KafkaError as exc:
+            return self._send_error(topic, message, exc)
+        return None
 
     async def _listen_for_replies(self) -> str:
         topic = f"streamtools.reply.{_new_id()}"
