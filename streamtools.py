@@ -467,20 +467,19 @@ def current_message() -> Message:
 # Message ids: a random per-process prefix and a counter, unique and far
 # cheaper than uuid4 on the hot path. A forked child draws a new prefix.
 def _reset_ids() -> None:
-    global _id_prefix, _id_counter
-    _id_prefix = os.urandom(6).hex()
-    _id_counter = itertools.count(1)
+    global _ids
+    # The formatting runs in C (map over a count): half the cost of an f-string per id.
+    _ids = map(f"{os.urandom(6).hex()}-%x".__mod__, itertools.count(1))
 
 
-_id_prefix = ""
-_id_counter = itertools.count(1)
+_ids: Iterator[str] = iter(())
 _reset_ids()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_ids)
 
 
 def _new_id() -> str:
-    return f"{_id_prefix}-{next(_id_counter):x}"
+    return next(_ids)
 
 
 #: Header of a request: when (epoch milliseconds) its requester stops
@@ -1669,7 +1668,7 @@ class Consumer(_Endpoint):
                 await inbox.wait()
                 continue
             item = items.popleft()
-            if items:
+            if items and not inbox.waking:
                 inbox.wake()  # more are waiting: another worker takes them if this handler has to wait
             if received is None:
                 await deliver(me, item)
