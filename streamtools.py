@@ -3353,24 +3353,24 @@ class KafkaProducer(_KafkaEndpoint, Producer):
             except errors.KafkaError as exc:
                 acks.append(self._send_error(topic, message, exc))
 
+        # Waited for in order rather than gathered: a partition's records are acknowledged at once,
+        # so most futures are done by the time their turn comes, and none costs a callback.
+        results: list[Any] = []
         try:
             async with asyncio.timeout(timeout):
-                return [await self._outcome(topic, message, ack) for message, ack in zip(batch, acks)]
+                for message, ack in zip(batch, acks):
+                    if not isinstance(ack, BaseException):
+                        if not ack.done():
+                            await asyncio.wait((ack,))
+                        error = SendError(f"sending to {topic!r} was cancelled") if ack.cancelled() \
+                            else ack.exception()
+                        ack = self._send_error(topic, message, error) \
+                            if isinstance(error, errors.KafkaError) else error
+                    results.append(ack)
         except TimeoutError:
             raise SendError(f"Kafka at {self.where} did not acknowledge {len(batch)} records to {topic!r} "
                             f"within {timeout}s") from None
-
-    async def _outcome(self, topic: str, message: Message, ack: Any) -> Any:
-        # Awaited in order rather than gathered: a record's future is done by the time the one
-        # before it is (a partition's batch is acknowledged at once), so this rarely suspends and
-        # costs no callback per record.
-        if isinstance(ack, BaseException):
-            return ack
-        try:
-            await ack
-        except self._errors.KafkaError as exc:
-            return self._send_error(topic, message, exc)
-        return None
+        return results
 
     async def _listen_for_replies(self) -> str:
         topic = f"streamtools.reply.{_new_id()}"

@@ -1735,6 +1735,23 @@ class TestRabbitMQ:
 
 
 class TestHTTP:
+    async def test_send_many_names_the_requests_that_failed(self, http: Kit) -> None:
+        consumer = http.consumer(max_retries=0)
+
+        @consumer()
+        async def price(msg: Any) -> Any:
+            if msg == "bad":
+                raise ValueError("no such item")
+            return {"ok": msg}
+
+        await consumer.start()
+        producer = await http.producer(consumer)
+        assert await producer.send_many(["a", "b"]) == [{"ok": "a"}, {"ok": "b"}]
+        with pytest.raises(streamtools.BatchSendError, match=r"2 of 4 messages .*indices \[1, 3\]") as caught:
+            await producer.send_many(["a", "bad", "c", "bad"])
+        assert sorted(caught.value.failed) == [1, 3]
+        assert all(isinstance(e, streamtools.HTTPError) and e.status == 500 for e in caught.value.failed.values())
+
     async def test_send_is_bounded_by_its_timeout(self, http: Kit) -> None:
         accepted: list[asyncio.StreamWriter] = []
 
@@ -2057,6 +2074,12 @@ class TestKafka:
         await producer.send("small")
         await until(lambda: got, timeout=20, what="the small message")
         assert got == ["small"]
+        # In a batch, the refused record is named by its index and the others go.
+        with pytest.raises(streamtools.BatchSendError, match=r"1 of 3 messages .*indices \[1\]") as caught:
+            await producer.send_many(["a", b"x" * 5000, "b"])
+        assert list(caught.value.failed) == [1] and "max_request_size=2000" in str(caught.value.failed[1])
+        await until(lambda: len(got) == 3, timeout=20, what="the batch's other records")
+        assert sorted(got[1:]) == ["a", "b"]
 
     async def test_records_of_one_key_keep_their_order(self, kafka: Kit) -> None:
         seen: list[tuple[int, int]] = []
