@@ -1177,7 +1177,7 @@ class RabbitCluster:
     def ctl(self, i: int, *args: str, timeout: float = 90) -> str:
         assert self.ctl_path is not None
         done = subprocess.run([self.ctl_path, "-n", self.nodes[i], *args], env=self.env(i), capture_output=True,
-                              text=True, timeout=timeout)
+                              text=True, timeout=timeout, cwd=self.root / f"n{i}")
         assert done.returncode == 0, f"rabbitmqctl {' '.join(args)} on {self.nodes[i]}: {done.stderr[-2000:]}"
         return done.stdout
 
@@ -1190,7 +1190,9 @@ class RabbitCluster:
             (base / ".erlang.cookie").chmod(0o600)
             (base / "enabled_plugins").write_text("[].\n")
             (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.ports[i]}\n")
-            subprocess.run([self.server, "-detached"], env=self.env(i), check=True, capture_output=True, timeout=60)
+            # In its own directory: a node that crashes writes its dumps where it runs.
+            subprocess.run([self.server, "-detached"], env=self.env(i), check=True, capture_output=True, timeout=60,
+                           cwd=base)
         for i in range(3):  # the PID file appears, then the node finishes booting
             self.ctl(i, "wait", str(self.root / f"n{i}" / "pid"), "--timeout", "90")
         for i in (1, 2):
