@@ -360,6 +360,42 @@ async def spawn(script: str, tmp_path: Path, *args: str, **env: str) -> asyncio.
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
 
+async def kill_and_restart(construct: str, tmp_path: Path, *, total: int, killed_after: int, delay: float,
+                           timeout: float) -> None:
+    """Run the consumer the expression ``construct`` builds in a child process
+    that logs each message (the ints 0..total-1 are waiting); SIGKILL it
+    after ``killed_after`` of them, start it again, and wait for all."""
+    log_file = tmp_path / f"seen-{uuid.uuid4().hex[:6]}.txt"
+    script = f"""
+        import asyncio, streamtools
+        async def main():
+            consumer = {construct}
+            out = open({str(log_file)!r}, "a")
+            @consumer()
+            async def handle(msg):
+                await asyncio.sleep({delay!r})
+                out.write(f"{{msg}}\\n"); out.flush()
+            async with consumer:
+                await asyncio.Event().wait()
+        asyncio.run(main())
+    """
+
+    def seen() -> set[int]:
+        return {int(line) for line in log_file.read_text().split()} if log_file.exists() else set()
+
+    child = await spawn(script, tmp_path)
+    await until(lambda: len(seen()) > killed_after, timeout=30, what="the child to consume")
+    child.kill()  # SIGKILL: no cleanup, unacknowledged messages return to the queue
+    await child.wait()
+    assert len(seen()) < total, "the child finished before it was killed; the test proves nothing"
+    child = await spawn(script, tmp_path)
+    try:
+        await until(lambda: seen() == set(range(total)), timeout=timeout, what="every message after the restart")
+    finally:
+        child.kill()
+        await child.wait()
+
+
 @contextlib.asynccontextmanager
 async def serving(app: Any) -> Any:
     """Serve a plain aiohttp application on a free loopback port; yield the port."""
@@ -960,39 +996,13 @@ class TestBrokerContract:
     async def test_killed_consumer_process_loses_nothing(self, broker_kit: Kit, tmp_path: Path) -> None:
         if PRODUCERS[broker_kit.kind].in_process:
             pytest.skip("an in-process broker dies with its process: there is nothing to redeliver")
-        log_file = tmp_path / "seen.txt"
-        script = f"""
-            import asyncio, streamtools
-            async def main():
-                consumer = streamtools.CONSUMERS[{broker_kit.kind!r}](
-                    {broker_kit.queue!r}, prefetch=20, **{{**{broker_kit.options()!r}, **{broker_kit.consumer_extra!r}}})
-                out = open({str(log_file)!r}, "a")
-                @consumer()
-                async def handle(msg):
-                    await asyncio.sleep(0.002)
-                    out.write(f"{{msg}}\\n"); out.flush()
-                async with consumer:
-                    await asyncio.Event().wait()
-            asyncio.run(main())
-        """
         producer = await broker_kit.producer()
         for start in range(0, 1000, 100):
             await asyncio.gather(*(producer.send(i) for i in range(start, start + 100)))
-
-        def seen() -> set[int]:
-            return {int(line) for line in log_file.read_text().split()} if log_file.exists() else set()
-
-        child = await spawn(script, tmp_path)
-        await until(lambda: len(seen()) > 200, timeout=30, what="the child to consume")
-        child.kill()  # SIGKILL: no cleanup, unacknowledged messages return to the queue
-        await child.wait()
-        assert len(seen()) < 1000, "the child finished before it was killed; the test proves nothing"
-        child = await spawn(script, tmp_path)
-        try:
-            await until(lambda: seen() == set(range(1000)), timeout=90, what="every id after the restart")
-        finally:
-            child.kill()
-            await child.wait()
+        await kill_and_restart(
+            f"streamtools.CONSUMERS[{broker_kit.kind!r}]({broker_kit.queue!r}, prefetch=20, "
+            f"**{{**{broker_kit.options()!r}, **{broker_kit.consumer_extra!r}}})",
+            tmp_path, total=1000, killed_after=200, delay=0.002, timeout=90)
 
     async def test_a_retry_held_by_the_broker_frees_its_slot(self, broker_kit: Kit) -> None:
         if CONSUMER_LOOPS[broker_kit.kind]._retry_later is streamtools.Consumer._retry_later:
@@ -2285,38 +2295,13 @@ class TestRedis:
         assert 100 <= length < 2000  # approximately: Redis trims whole nodes
 
     async def test_a_restarted_member_takes_back_its_own_entries_first(self, redis_kit: Kit, tmp_path: Path) -> None:
-        log_file = tmp_path / "seen.txt"
-        script = f"""
-            import asyncio, streamtools
-            async def main():
-                consumer = streamtools.CONSUMERS["redis"]({redis_kit.queue!r}, url={redis_kit.options()["url"]!r},
-                                                          consumer_name="worker-1", claim_idle=600, prefetch=10)
-                out = open({str(log_file)!r}, "a")
-                @consumer()
-                async def handle(msg):
-                    await asyncio.sleep(0.01)
-                    out.write(f"{{msg}}\\n"); out.flush()
-                async with consumer:
-                    await asyncio.Event().wait()
-            asyncio.run(main())
-        """
         producer = await redis_kit.producer()
         await producer.send_many(range(300))
-
-        def seen() -> set[int]:
-            return {int(line) for line in log_file.read_text().split()} if log_file.exists() else set()
-
-        child = await spawn(script, tmp_path)
-        await until(lambda: len(seen()) > 50, timeout=30, what="the child to consume")
-        child.kill()
-        await child.wait()
-        assert len(seen()) < 300
-        child = await spawn(script, tmp_path)  # the same name; claim_idle is far: only its own pending list helps
-        try:
-            await until(lambda: seen() == set(range(300)), timeout=30, what="every entry after the restart")
-        finally:
-            child.kill()
-            await child.wait()
+        # Restarted under the same name; claim_idle is far: only its own pending list helps.
+        await kill_and_restart(
+            f"streamtools.CONSUMERS['redis']({redis_kit.queue!r}, url={redis_kit.options()['url']!r}, "
+            "consumer_name='worker-1', claim_idle=600, prefetch=10)",
+            tmp_path, total=300, killed_after=50, delay=0.01, timeout=30)
 
     async def test_confirmed_messages_survive_a_restart_with_aof(self, tmp_path: Path) -> None:
         pytest.importorskip("redis")

@@ -191,6 +191,35 @@ async def raw_aio_pika(msgs: list[dict[str, Any]]) -> float:
     return rate
 
 
+async def streamtools_batches(kind: str, msgs: list[dict[str, Any]], options: dict[str, Any],
+                              **consumer_options: Any) -> float:
+    """The streamtools side of a broker row: send_many in batches of 500, a
+    consumer with prefetch 500, end to end."""
+    name = f"bench-st-{uuid.uuid4().hex[:8]}"
+    done = asyncio.Event()
+    handled = 0
+    consumer = streamtools.CONSUMERS[kind](name, prefetch=500, **consumer_options, **options)
+
+    @consumer()
+    async def handle(msg: Any) -> None:
+        nonlocal handled
+        arrived(msg["i"])
+        handled += 1
+        if handled == len(msgs):
+            done.set()
+
+    async with consumer, streamtools.PRODUCERS[kind](name, **options) as producer:
+        clock(len(msgs))
+        started = time.perf_counter()
+        for start in range(0, len(msgs), 500):
+            sending(msgs[start:start + 500])
+            await producer.send_many(msgs[start:start + 500])
+        await done.wait()
+        rate = len(msgs) / (time.perf_counter() - started)
+    await consumer.delete_queues()
+    return rate
+
+
 async def streamtools_rabbitmq(msgs: list[dict[str, Any]]) -> float:
     name = f"bench-st-{uuid.uuid4().hex[:8]}"
     done = asyncio.Event()
@@ -347,29 +376,7 @@ async def raw_aiokafka(msgs: list[dict[str, Any]]) -> float:
 
 
 async def streamtools_kafka(msgs: list[dict[str, Any]]) -> float:
-    topic = f"bench-st-{uuid.uuid4().hex[:8]}"
-    done = asyncio.Event()
-    handled = 0
-    consumer = streamtools.KafkaConsumer(topic, prefetch=500, session_timeout=1.0, **KAFKA)
-
-    @consumer()
-    async def handle(msg: Any) -> None:
-        nonlocal handled
-        arrived(msg["i"])
-        handled += 1
-        if handled == len(msgs):
-            done.set()
-
-    async with consumer, streamtools.KafkaProducer(topic, **KAFKA) as producer:
-        clock(len(msgs))
-        started = time.perf_counter()
-        for start in range(0, len(msgs), 500):
-            sending(msgs[start:start + 500])
-            await producer.send_many(msgs[start:start + 500])
-        await done.wait()
-        rate = len(msgs) / (time.perf_counter() - started)
-    await consumer.delete_queues()
-    return rate
+    return await streamtools_batches("kafka", msgs, KAFKA, session_timeout=1.0)
 
 
 @contextlib.contextmanager
@@ -449,29 +456,7 @@ async def raw_nats(msgs: list[dict[str, Any]]) -> float:
 
 
 async def streamtools_nats(msgs: list[dict[str, Any]]) -> float:
-    name = f"bench-st-{uuid.uuid4().hex[:8]}"
-    done = asyncio.Event()
-    handled = 0
-    consumer = streamtools.NATSConsumer(name, prefetch=500, **NATS_URL)
-
-    @consumer()
-    async def handle(msg: Any) -> None:
-        nonlocal handled
-        arrived(msg["i"])
-        handled += 1
-        if handled == len(msgs):
-            done.set()
-
-    async with consumer, streamtools.NATSProducer(name, **NATS_URL) as producer:
-        clock(len(msgs))
-        started = time.perf_counter()
-        for start in range(0, len(msgs), 500):
-            sending(msgs[start:start + 500])
-            await producer.send_many(msgs[start:start + 500])
-        await done.wait()
-        rate = len(msgs) / (time.perf_counter() - started)
-    await consumer.delete_queues()
-    return rate
+    return await streamtools_batches("nats", msgs, NATS_URL)
 
 
 ###############################################################################
@@ -516,29 +501,7 @@ async def raw_redis(msgs: list[dict[str, Any]]) -> float:
 
 
 async def streamtools_redis(msgs: list[dict[str, Any]]) -> float:
-    name = f"bench-st-{uuid.uuid4().hex[:8]}"
-    done = asyncio.Event()
-    handled = 0
-    consumer = streamtools.RedisConsumer(name, prefetch=500, **REDIS_URL)
-
-    @consumer()
-    async def handle(msg: Any) -> None:
-        nonlocal handled
-        arrived(msg["i"])
-        handled += 1
-        if handled == len(msgs):
-            done.set()
-
-    async with consumer, streamtools.RedisProducer(name, **REDIS_URL) as producer:
-        clock(len(msgs))
-        started = time.perf_counter()
-        for start in range(0, len(msgs), 500):
-            sending(msgs[start:start + 500])
-            await producer.send_many(msgs[start:start + 500])
-        await done.wait()
-        rate = len(msgs) / (time.perf_counter() - started)
-    await consumer.delete_queues()
-    return rate
+    return await streamtools_batches("redis", msgs, REDIS_URL)
 
 
 ###############################################################################
