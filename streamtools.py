@@ -1092,7 +1092,7 @@ class Producer(_Endpoint):
         else:
             data, ctype = encode(msg, _content_type(headers_tag or header_tag, content_type))
         return Message(body=msg, data=data, content_type=ctype, headers=dict(headers) if headers else {},
-                       id=message_id or _new_id(), queue=self.queue_name, transport=self.transport)
+                       id=message_id or next(_ids), queue=self.queue_name)  # next(): _new_id() without its call
 
     async def _ensure_open(self) -> None:
         if self._closed:
@@ -1848,7 +1848,10 @@ class MemoryProducer(Producer):
     async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
         if self._loop is not asyncio.get_running_loop():  # reused under a new asyncio.run()
             await self._connect()
-        self._queue.put(message)
+        # A tuple of strings and bytes, not the Message: the garbage collector untracks it, so a
+        # backlog costs no full collections (a pile of Messages cost 0.8 us a message in them).
+        self._queue.put((message.data, message.content_type, message.headers or None, message.id,
+                         message.correlation_id, message.reply_to))
 
     async def _reply_address(self) -> str:
         if self._loop is not asyncio.get_running_loop():
@@ -1871,9 +1874,14 @@ class MemoryConsumer(Consumer):
         """Nothing to release: the broker belongs to the event loop."""
 
     async def _start_intake(self) -> None:
-        # The enqueued Message is delivered as it is: its producer is done with it, and
-        # _deliver decodes a fresh body from its bytes.
-        self._start_workers(self._queue)
+        self._start_workers(self._queue, self._received)
+
+    def _received(self, item: tuple[Any, ...] | Message) -> Message:
+        if type(item) is not tuple:  # handed back, or dead-lettered: a Message already
+            return item  # type: ignore[return-value]
+        data, content_type, headers, message_id, correlation_id, reply_to = item
+        return Message(data=data, content_type=content_type, headers={} if headers is None else headers,
+                       id=message_id, queue=self.queue_name, correlation_id=correlation_id, reply_to=reply_to)
 
     async def _stop_intake(self) -> None:
         await self._stop_workers()
