@@ -3169,8 +3169,15 @@ class HTTPConsumer(Consumer):
         elif result is None:
             response = web.Response(status=202)
         else:
-            data, ctype = encode(result)
-            response = web.Response(body=data, headers={"Content-Type": ctype})
+            try:
+                data, ctype = encode(result)
+            except EncodeError as exc:  # the work is done; the caller learns its answer is lost
+                log.error("the handler of %r returned what cannot be sent for message %s: %s",
+                          self.queue_name, message.id, exc)
+                response = _json_error(500, "the handler's return value cannot be encoded; see the consumer's log",
+                                       **{"X-Message-Id": message.id})
+            else:
+                response = web.Response(body=data, headers={"Content-Type": ctype})
         message.raw[_RESPONSE] = response
 
     async def _ack(self, message: Message) -> None:

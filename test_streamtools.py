@@ -1850,6 +1850,8 @@ class TestHTTP:
             calls.append(msg)
             if msg == "fail":
                 raise RuntimeError("internal secret detail")
+            if msg == "odd":
+                return {"not json": object()}
             return None if msg == "quiet" else {"ok": msg}
 
         await consumer.start()
@@ -1893,7 +1895,9 @@ class TestHTTP:
             assert await call("GET", f"{root}/healthz") == (200, {"status": "ok"})
             status, body = await call("POST", url, json="fail")
             assert status == 500 and "secret" not in json.dumps(body) and "Traceback" not in json.dumps(body)
-        assert calls == ["hi", "quiet", "chunked", "asked", "fail"]  # bad input never reached the handler
+            status, body = await call("POST", url, json="odd")
+            assert status == 500 and "return value cannot be encoded" in body["error"]
+        assert calls == ["hi", "quiet", "chunked", "asked", "fail", "odd"]  # bad input never reached the handler
 
     async def test_a_taken_port_is_a_clear_error(self, http: Kit) -> None:
         with socket.socket() as taken:
