@@ -2425,6 +2425,44 @@ class TestObservability:
                     timeout=20, what="the stranger's message refused")
         assert ("from elsewhere", "acme") not in handled
 
+    async def test_a_failing_hook_is_logged_and_changes_nothing(self, hooks_restored: None,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+        class Broken(streamtools.Hook):
+            def on_send(self, message: streamtools.Message) -> None:
+                raise RuntimeError("broken")
+
+            def on_sent(self, message: streamtools.Message, token: Any, duration: float,
+                        error: BaseException | None) -> None:
+                raise RuntimeError("broken")
+
+            def on_handled(self, message: streamtools.Message, token: Any, outcome: str, duration: float,
+                           error: BaseException | None) -> None:
+                raise RuntimeError("broken")
+
+        streamtools.use(Broken())
+        after = streamtools.use(Tenant("acme"))  # runs after the broken hook, and still sees everything
+        kit = Kit(MEMORY)
+        got: list[Any] = []
+        try:
+            consumer = kit.consumer()
+
+            @consumer()
+            async def work(msg: Any) -> None:
+                got.append(msg)
+
+            await consumer.start()
+            producer = await kit.producer(consumer)
+            with caplog.at_level(logging.ERROR, logger="streamtools"):
+                await producer.send("x")
+                await producer.send_many(["y", "z"])
+                await until(lambda: len(after.outcomes) == 3, timeout=10, what="three handlings")
+        finally:
+            await kit.close()
+        assert sorted(got) == ["x", "y", "z"]
+        assert sorted(after.outcomes) == [(body, "ok", 1, None) for body in ("x", "y", "z")]
+        for method in ("on_send", "on_sent", "on_handled"):
+            assert f"failed in {method}" in caplog.text
+
     async def test_prometheus_counts_are_exact(self, broker_kit: Kit, hooks_restored: None) -> None:
         prometheus = pytest.importorskip("prometheus_client")
         registry = prometheus.CollectorRegistry()
@@ -2452,7 +2490,11 @@ class TestObservability:
         assert value("streamtools_messages_failed_total") == 12  # 4 messages x 3 attempts
         assert value("streamtools_messages_retried_total") == 8
         assert value("streamtools_handle_seconds_count") == 28
+        assert value("streamtools_handle_seconds_bucket", le="+Inf") == 28
+        assert value("streamtools_handle_seconds_bucket", le="10.0") == 28  # no handler took 10 s
         assert value("streamtools_send_seconds_count") == 20
+        assert value("streamtools_send_seconds_bucket", le="+Inf") == 20
+        assert 0 < value("streamtools_send_seconds_sum") < 20 * 10
         assert value("streamtools_handlers_in_flight") == 0
 
     async def test_the_runner_serves_health_readiness_and_metrics_without_http_consumers(
