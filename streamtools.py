@@ -3241,7 +3241,10 @@ class HTTPConsumer(Consumer):
             response = web.Response(status=202)
         else:
             try:
-                data, ctype = encode(result)
+                if type(result) in _JSON_CONTAINERS:  # the common case, without encode()'s calls
+                    data, ctype = _to_json(result), JSON
+                else:
+                    data, ctype = encode(result)
             except EncodeError as exc:  # the work is done; the caller learns its answer is lost
                 log.error("the handler of %r returned what cannot be sent for message %s: %s",
                           self.queue_name, message.id, exc)
