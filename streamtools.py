@@ -1926,7 +1926,7 @@ class MemoryProducer(Producer):
         if self._loop is not asyncio.get_running_loop():  # reused under a new asyncio.run()
             await self._connect()
         # A tuple of strings and bytes, not the Message: the garbage collector untracks it, so a
-        # backlog costs no full collections (a pile of Messages cost 0.8 us a message in them).
+        # backlog costs no full collections (a backlog of Messages cost 0.8 us a message in them).
         self._queue.put((message.data, message.content_type, message.headers or None, message.id,
                          message.correlation_id, message.reply_to))
 
@@ -2843,7 +2843,7 @@ class HTTPProducer(Producer):
     async def _publish(self, message: Message, timeout: float | None, method: str = "POST",
                        endpoint: str | None = None, **flags: Any) -> Any:
         # The common case (a POST of a message without headers) builds one dict literal and calls no
-        # helper: on this path each step costs about 1% of a request (aiohttp evicts it from the caches).
+        # helper: on this path each step measured about 1% of a request, far more than on its own.
         if method != "POST":
             method = method.upper()
         headers = {"X-Message-Id": message.id, "X-Attempt": "1"}
