@@ -95,6 +95,23 @@ def arrived(i: int) -> None:
         _latencies.append(time.perf_counter() - _sent[i])
 
 
+def counting(consumer: Any, n: int) -> asyncio.Event:
+    """Give a streamtools ``consumer`` the benchmark's handler; the event is
+    set once it handled ``n`` messages."""
+    done = asyncio.Event()
+    handled = 0
+
+    @consumer()
+    async def handle(msg: Any) -> None:
+        nonlocal handled
+        arrived(msg["i"])
+        handled += 1
+        if handled == n:
+            done.set()
+
+    return done
+
+
 ###############################################################################
 # memory ######################################################################
 ###############################################################################
@@ -120,18 +137,8 @@ async def bare_queue(msgs: list[dict[str, Any]]) -> float:
 
 async def streamtools_memory(msgs: list[dict[str, Any]]) -> float:
     n = len(msgs)
-    handled = 0
-    done = asyncio.Event()
     consumer = streamtools.MemoryConsumer("bench")
-
-    @consumer()
-    async def handle(msg: Any) -> None:
-        nonlocal handled
-        arrived(msg["i"])
-        handled += 1
-        if handled == n:
-            done.set()
-
+    done = counting(consumer, n)
     clock(n)
     async with consumer, streamtools.MemoryProducer("bench") as producer:
         started = time.perf_counter()
@@ -196,18 +203,8 @@ async def streamtools_batches(kind: str, msgs: list[dict[str, Any]], options: di
     """The streamtools side of a broker row: send_many in batches of 500, a
     consumer with prefetch 500, end to end."""
     name = f"bench-st-{uuid.uuid4().hex[:8]}"
-    done = asyncio.Event()
-    handled = 0
     consumer = streamtools.CONSUMERS[kind](name, prefetch=500, **consumer_options, **options)
-
-    @consumer()
-    async def handle(msg: Any) -> None:
-        nonlocal handled
-        arrived(msg["i"])
-        handled += 1
-        if handled == len(msgs):
-            done.set()
-
+    done = counting(consumer, len(msgs))
     async with consumer, streamtools.PRODUCERS[kind](name, **options) as producer:
         clock(len(msgs))
         started = time.perf_counter()
@@ -222,18 +219,8 @@ async def streamtools_batches(kind: str, msgs: list[dict[str, Any]], options: di
 
 async def streamtools_rabbitmq(msgs: list[dict[str, Any]]) -> float:
     name = f"bench-st-{uuid.uuid4().hex[:8]}"
-    done = asyncio.Event()
-    handled = 0
     consumer = streamtools.RabbitMQConsumer(name, url=RMQ_URL, prefetch=256)
-
-    @consumer()
-    async def handle(msg: Any) -> None:
-        nonlocal handled
-        arrived(msg["i"])
-        handled += 1
-        if handled == len(msgs):
-            done.set()
-
+    done = counting(consumer, len(msgs))
     async with consumer, streamtools.RabbitMQProducer(name, url=RMQ_URL) as producer:
         clock(len(msgs))
         started = time.perf_counter()
