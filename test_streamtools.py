@@ -41,6 +41,22 @@ from streamtools import (
 
 HERE = Path(__file__).resolve().parent
 RMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+def _opt_in(marker: pytest.MarkDecorator, variable: str, what: str) -> Callable[[Any], Any]:
+    skip = pytest.mark.skipif(os.environ.get(variable) != "1", reason=f"{what}; set {variable}=1 to run it")
+    return lambda test: marker(skip(test))
+
+
+# Tests that act on the shared RabbitMQ broker (drop its connections, restart its app, set
+# policies) and tests that start clusters of their own run only when asked (.ci/run asks), so the
+# README's test command is safe on a broker that others use.
+
+
+disturbs_broker = _opt_in(pytest.mark.disturbs_broker, "STREAMTOOLS_DISTURB_BROKER",
+                          "acts on the shared RabbitMQ broker")
+cluster = _opt_in(pytest.mark.cluster, "STREAMTOOLS_CLUSTER_TESTS", "starts a cluster of its own")
+
+
 def readme_transport() -> dict[str, Any]:
     """The complete small transport of the README's "your own transport"
     section, registered as it is written there (its demo left out)."""
@@ -1295,7 +1311,7 @@ def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitC
         cluster.stop()
 
 
-@pytest.mark.cluster
+@cluster
 class TestRabbitMQCluster:
     """Against the tests' own 3-node cluster: deselect with -m "not cluster"."""
 
@@ -1601,7 +1617,7 @@ class TestRabbitMQ:
         with pytest.raises(streamtools.Unroutable, match=rmq.queue):
             await producer.send("nobody home")
 
-    @pytest.mark.disturbs_broker
+    @disturbs_broker
     async def test_a_message_the_broker_refuses_is_an_error(self, rmq: Kit) -> None:
         queue = f"st-reject-{uuid.uuid4().hex[:8]}"
         rmq.queues.add(queue)
@@ -1668,7 +1684,7 @@ class TestRabbitMQ:
             await until(lambda: len(got) == 3, what="3 messages")
         assert sorted(got) == [(name, name) for name in names]
 
-    @pytest.mark.disturbs_broker
+    @disturbs_broker
     async def test_broker_closing_connections_mid_stream_loses_nothing(self, rmq: Kit) -> None:
         received: set[int] = set()
         consumer = rmq.consumer(prefetch=50, url=RMQ_URL + "%2F")  # another URL: its own connection
@@ -1697,7 +1713,7 @@ class TestRabbitMQ:
         assert not failed, failed[:3]  # it reconnected within the send timeout
         assert received >= set(range(3000))
 
-    @pytest.mark.disturbs_broker
+    @disturbs_broker
     async def test_request_reply_survives_a_dropped_connection(self, rmq: Kit) -> None:
         consumer = rmq.consumer()
 
@@ -1717,7 +1733,7 @@ class TestRabbitMQ:
             except (streamtools.RequestTimeout, streamtools.SendError):
                 assert time.monotonic() < deadline, "request/reply never came back after the reconnection"
 
-    @pytest.mark.disturbs_broker
+    @disturbs_broker
     async def test_nothing_hangs_while_the_broker_is_down(self, rmq: Kit) -> None:
         got: list[Any] = []
         consumer = rmq.consumer()
