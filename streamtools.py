@@ -37,6 +37,8 @@ __all__ = [
     "AsyncIOProducer",
     "BINARY",
     "BatchSendError",
+    "BrokerEndpoint",
+    "BrokeredConsumer",
     "CONSUMERS",
     "CONSUMER_LOOPS",
     "ConfigError",
@@ -52,6 +54,7 @@ __all__ = [
     "HTTPConsumerLoop",
     "HTTPError",
     "HTTPProducer",
+    "HTTPRemoteError",
     "HandleMsgs",
     "HandlerFactory",
     "Hook",
@@ -69,8 +72,11 @@ __all__ = [
     "NATS",
     "NATSConsumer",
     "NATSProducer",
+    "POSTGRES",
     "PRODUCERS",
     "Producer",
+    "PullingConsumer",
+    "PumpedReplies",
     "RABBITMQ",
     "REDIS",
     "RMQIOConsumerLoop",
@@ -81,6 +87,7 @@ __all__ = [
     "RedisProducer",
     "RemoteError",
     "RequestTimeout",
+    "SQS",
     "SSI",
     "SendError",
     "StreamtoolsError",
@@ -119,6 +126,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -135,9 +143,12 @@ from typing import (
     Awaitable,
     Callable,
     ClassVar,
+    Coroutine,
     Iterable,
     Iterator,
     Mapping,
+    MutableMapping,
+    NamedTuple,
     Self,
     Sequence,
     TypeVar,
@@ -169,10 +180,13 @@ HTTP = "HTTPHandler"
 KAFKA = "KafkaHandler"
 NATS = "NATSHandler"
 REDIS = "RedisHandler"
+SQS = "SQSHandler"
+POSTGRES = "PostgresHandler"
 
-#: Content types a body is encoded with.
+#: Content types a body is encoded with. Text is UTF-8, and ``text/*`` without a charset
+#: decodes as UTF-8; plain ``text/plain`` is what other clients (FastStream) match exactly.
 JSON = "application/json"
-TEXT = "text/plain; charset=utf-8"
+TEXT = "text/plain"
 BINARY = "application/octet-stream"
 SSI = "application/ssi-agent-wire"
 
@@ -228,6 +242,50 @@ def _redact(url: str) -> str:
     netloc = parts.netloc.rpartition("@")[2]
     user = parts.username or ""
     return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class _Address(NamedTuple):
+    """Where a broker is: its URLs (or ``host:port``), and ``where``, the
+    ``host:port`` list for messages (never a credential)."""
+
+    urls: list[str]
+    where: str
+    hosts: list[tuple[str, int]]
+
+
+def _addresses(given: str | Sequence[str] | None, env: Sequence[str], default: str, what: str,
+               schemes: Sequence[str], port: int | Mapping[str, int], bare: bool = False) -> _Address:
+    """The addresses of a broker: the option, else the first of the ``env``
+    variables that is set, else ``default``; a list, or comma-separated in a
+    string. Each must have one of ``schemes`` (``bare``: may be ``host:port``
+    alone, which gets the first scheme) and a valid port (default ``port``, or
+    ``port[scheme]``).
+
+    :raises ConfigError: naming what is wrong, with any password redacted.
+    """
+    raw = given or next((os.environ[name] for name in env if os.environ.get(name)), None) or default
+    items = [item.strip() if isinstance(item, str) else item for item in (raw.split(",") if isinstance(raw, str)
+                                                                             else raw)]
+    if not items or not all(isinstance(item, str) and item for item in items):
+        shown = [_redact(item) if isinstance(item, str) else item for item in items]
+        raise ConfigError(f"{what} takes {schemes[0]}://host:port or a list of them, got {shown!r}")
+    urls, hosts = [], []
+    for item in items:
+        url = f"{schemes[0]}://{item}" if bare and "://" not in item else item
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in schemes or "://" not in url or not (parts.hostname or parts.scheme == "unix") \
+                or (bare and parts.path):
+            others = ", ".join(f"{s}://" for s in schemes[1:])
+            raise ConfigError(f"a {what} address is {'host:port or ' if bare else ''}{schemes[0]}://host:port"
+                              f"{f' (or {others})' if others else ''}, got {_redact(item)!r}")
+        try:
+            number = parts.port or (port.get(parts.scheme, 0) if isinstance(port, Mapping) else port)
+        except ValueError:
+            raise ConfigError(f"bad port in {what} address {_redact(item)!r}") from None
+        urls.append(url)
+        hosts.append((parts.path, 0) if parts.scheme == "unix" else (parts.hostname or "", number))
+    where = ",".join(host if not number else f"{host}:{number}" for host, number in hosts)
+    return _Address(urls, where, [(host, number) for host, number in hosts if number])
 
 
 ###############################################################################
@@ -302,6 +360,19 @@ class RequestTimeout(StreamtoolsError, TimeoutError):
 
 class RemoteError(StreamtoolsError):
     """The consumer's handler failed on a request; carries its error text."""
+
+
+class HTTPRemoteError(HTTPError, RemoteError):
+    """An HTTP consumer's handler failed (status 500): the :class:`RemoteError`
+    every transport raises for that, and an :class:`HTTPError`."""
+
+    def __init__(self, error: str, body: str, url: str = "") -> None:
+        super().__init__(500, body, url)
+        self.error = error
+        self.args = (f"the consumer at {url or 'the endpoint'} failed: {error}",)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 ###############################################################################
@@ -529,49 +600,101 @@ _EXPIRES = "x-expires-at"
 _TYPED = "x-st-json"
 
 
-def _flat_headers(headers: Mapping[str, Any]) -> dict[str, str]:
-    """Headers as strings, for Kafka, NATS and Redis; :func:`_typed_headers` undoes it."""
-    flat: dict[str, str] = {}
-    typed = []
-    for key, value in headers.items():
-        if isinstance(value, str):
-            flat[key] = value
+class _Unreadable(Exception):
+    """A received message whose envelope cannot be read; ``message`` holds
+    what could be (its body untouched), for the dead-letter queue."""
+
+    def __init__(self, message: Message, reason: str) -> None:
+        super().__init__(reason)
+        self.message = message
+
+
+class _Envelope:
+    """How a message's envelope travels in key/value headers (Kafka, NATS,
+    Redis, HTTP, SQS, PostgreSQL): its content type, id, correlation id and
+    reply-to under the transport's names (matched without regard to case, as
+    other clients spell them), beside the message's own headers, whose values
+    keep their types: a value that is not a string travels as JSON text, named
+    in ``x-st-json`` (or, with ``nested``, all of them as one JSON object under
+    that key, as Redis has always carried them).
+    """
+
+    __slots__ = ("names", "nested", "_slots")
+
+    def __init__(self, content_type: str, message_id: str, correlation_id: str, reply_to: str,
+                 nested: str | None = None) -> None:
+        self.names = (content_type, message_id, correlation_id, reply_to)
+        self.nested = nested
+        # Every key of the envelope, in the transport's spelling and in lower case, to its slot.
+        keys = (*self.names, _TYPED, *((nested,) if nested else ()))
+        self._slots = {name: slot for slot, name in enumerate(keys)}
+        self._slots.update({name.lower(): slot for name, slot in list(self._slots.items())})
+
+    def pairs(self, message: Message) -> dict[str, str]:
+        """The envelope and the headers of ``message`` as strings."""
+        headers = message.headers
+        if not headers:
+            pairs = {}
+        elif self.nested:
+            pairs = {self.nested: _json_encode(headers)}
         else:
-            flat[key] = _json_encode(value)
-            typed.append(key)
-    if typed:
-        flat[_TYPED] = ",".join(typed)
-    return flat
+            pairs, typed = {}, []
+            for key, value in headers.items():
+                if isinstance(value, str):
+                    pairs[key] = value
+                else:
+                    pairs[key] = _json_encode(value)
+                    typed.append(key)
+            if typed:
+                pairs[_TYPED] = ",".join(typed)
+        content_type, message_id, correlation_id, reply_to = self.names
+        pairs[content_type] = message.content_type
+        pairs[message_id] = message.id
+        if message.correlation_id:
+            pairs[correlation_id] = message.correlation_id
+        if message.reply_to:
+            pairs[reply_to] = message.reply_to
+        return pairs
+
+    def read(self, pairs: Iterable[tuple[str, str | bytes]]) -> tuple[dict[str, Any], str, str, str | None, str | None]:
+        """``(headers, content type, id, correlation id, reply-to)`` of a
+        received message's key/value headers (bytes are UTF-8; an invalid byte
+        is replaced rather than the message refused).
+
+        :raises ValueError: the ``nested`` headers are not a JSON object.
+        """
+        envelope: list[Any] = [BINARY, "", None, None, None, None]
+        headers: dict[str, Any] = {}
+        slots = self._slots
+        for key, value in pairs:  # one pass, one lookup for each key spelled as the transport does
+            if type(value) is bytes:
+                value = value.decode("utf-8", "replace")
+            slot = slots.get(key)
+            if slot is None and not key.islower():
+                slot = slots.get(key.lower())
+            if slot is None:
+                headers[key] = value
+            else:
+                envelope[slot] = value
+        if envelope[5] is not None:
+            nested = _json_decode(envelope[5])
+            if type(nested) is not dict:
+                raise ValueError(f"its {self.nested} field is not a JSON object")
+            headers = nested if not headers else {**headers, **nested}
+        if envelope[4]:
+            for key in envelope[4].split(","):
+                if key in headers:
+                    with contextlib.suppress(ValueError):
+                        headers[key] = _json_decode(headers[key])
+        return headers, envelope[0] or BINARY, envelope[1] or "", envelope[2], envelope[3]
 
 
-def _typed_headers(flat: dict[str, Any]) -> dict[str, Any]:
-    typed = flat.pop(_TYPED, None)
-    if typed:
-        for key in typed.split(","):
-            try:
-                flat[key] = _json_decode(flat[key])
-            except (KeyError, ValueError):
-                pass
-    return flat
-
-
-def _reply_payload(result: Any, error: str | None) -> tuple[bytes, str, dict[str, Any]]:
-    """The wire form of a reply: the handler's return value, or its error."""
-    headers: dict[str, Any] = {} if error is None else {"x-error": error}
-    if _tracing is not None:  # the reply joins the handling's trace
-        _tracing.inject(headers)
-    if error is not None:
-        return b"", TEXT, headers
-    data, content_type = encode(result)
-    return data, content_type, headers
-
-
-def _reply_value(data: bytes, content_type: str, headers: Mapping[str, Any], queue: str) -> Any:
+def _reply_value(reply: Message, queue: str) -> Any:
     """What ``request()`` returns for a reply, or the consumer's error."""
-    error = headers.get("x-error")
+    error = reply.headers.get("x-error")
     if error is not None:
         raise RemoteError(f"the consumer of {queue!r} failed: {error}")
-    return decode(data, content_type)
+    return decode(reply.data, reply.content_type)
 
 
 ###############################################################################
@@ -643,6 +766,27 @@ async def _retry(operation: Callable[[], Awaitable[Any]], *, what: str,
                 raise error
         log.warning("%s failed (%s: %s); retry %d in %.2fs", what, type(error).__name__, error, attempt, delay)
         await asyncio.sleep(delay)
+
+
+_CLOSE_TIMEOUT = 5.0
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (not a client library
+    ending its own operations with CancelledError)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+async def _closing(what: str, operation: Awaitable[Any]) -> None:
+    """A shutdown step that talks to a server, bounded in time: a client may
+    wait for a lost connection to come back with no limit (aio-pika does); a
+    stop must not, and by then the broker took back what was unacknowledged."""
+    try:
+        async with asyncio.timeout(_CLOSE_TIMEOUT):
+            await operation
+    except Exception as exc:  # gone already, or the server is unreachable
+        log.debug("%s: %r", what, exc)
 
 
 #: Every per-message flag some registered transport takes (see register_transport).
@@ -929,7 +1073,7 @@ def enable_metrics(registry: Any = None) -> Metrics:
 
 #: OpenTelemetry's ``messaging.system`` of each transport.
 _MESSAGING_SYSTEMS = {MEMORY: "memory", RABBITMQ: "rabbitmq", HTTP: "http", KAFKA: "kafka", NATS: "nats",
-                      REDIS: "redis"}
+                      REDIS: "redis", SQS: "aws_sqs", POSTGRES: "postgresql"}
 
 
 class Tracing(Hook):
@@ -1023,332 +1167,33 @@ def _observe() -> None:
 
 
 ###############################################################################
-# Base classes ################################################################
+# Legacy forms ################################################################
 ###############################################################################
 
-
-class _Endpoint(abc.ABC):
-    """What producers and consumers share: a queue name, the transport's
-    facts, options checked once, and a connection made once however many
-    callers ask for it at the same time.
-
-    A transport declares its facts as class attributes (read by the
-    registries, the CLI, the helpers and the tests) and takes its own options
-    as keyword parameters of ``_setup``.
-    """
-
-    #: The registry name of the transport (set by :func:`register_transport`).
-    transport: ClassVar[str] = ""
-    #: The client library the transport imports, and the pip package with it.
-    client: ClassVar[tuple[str, str] | None] = None
-    #: True where a broker stores messages between producer and consumer
-    #: (a message waits for a consumer; retries and dead letters apply).
-    brokered: ClassVar[bool] = True
-    #: True where messages never leave the process (the memory transport).
-    in_process: ClassVar[bool] = False
-    #: The option that takes the broker's address (the CLI's ``--url``).
-    address_option: ClassVar[str | None] = None
-    #: Whether ``Message.redelivered`` tells a message given before (Kafka cannot).
-    tells_redelivery: ClassVar[bool] = True
-
-    def __init__(self, queue_name: str = "", queues_labels: Mapping[str, Any] | None = None,
-                 **options: Any) -> None:
-        if queues_labels is not None:  # legacy: {label: {"queue": wire_name, ...}}
-            if not isinstance(queues_labels, Mapping):
-                raise ConfigError(f"queues_labels must be a dict of {{label: {{'queue': name}}}}, "
-                                  f"got {type(queues_labels).__name__}")
-            label = queues_labels.get(queue_name)
-            if isinstance(label, Mapping) and label.get("queue"):
-                queue_name = label["queue"]
-        self.queue_name = self._check_name(queue_name)
-        self.agent_keys: dict[str, str] = {}
-        self._hooks: list[Hook] = []
-        if not _observed:
-            _observe()
-        self._ready = False
-        self._init_lock: asyncio.Lock | None = None  # made in a_init: no event loop is needed before
-        unknown = set(options) - self.option_names()
-        if unknown:
-            raise UnknownOption(f"{type(self).__name__} got unknown option(s) {sorted(unknown)}; "
-                                f"it takes {sorted(self.option_names()) or 'none'}")
-        self._setup(**options)
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.queue_name!r}>"
-
-    def _check_name(self, queue_name: Any) -> str:
-        return _check_queue_name(queue_name)
-
-    def use(self, hook: Hook) -> Hook:
-        """Run ``hook`` around this producer's sends or this consumer's handling."""
-        if not isinstance(hook, Hook):
-            raise ConfigError(f"use() takes a streamtools.Hook, got {hook!r}")
-        self._hooks.append(hook)
-        return hook
-
-    def add_agent_uuid(self, **keys: str) -> None:
-        """Legacy: take the agent's ids, by transport type (``RabbitMQ=...``,
-        ``HTTP=...``). RabbitMQ suffixes its queue name with the first five
-        characters of its id, as the legacy library did; call it before
-        ``a_init()``."""
-        self.agent_keys.update(keys)
-
-    def _setup(self) -> None:
-        """Take the transport's own options (keyword parameters with defaults).
-        One that extends another's takes ``**options`` and passes them on."""
-
-    @classmethod
-    @functools.cache
-    def option_names(cls) -> frozenset[str]:
-        """The transport options this class takes (its ``_setup`` keywords)."""
-        names: set[str] = set()
-        for klass in cls.__mro__:
-            setup = klass.__dict__.get("_setup")
-            if setup is None:
-                continue
-            params = inspect.signature(setup).parameters.values()
-            names.update(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-                         and p.name != "self")
-            if not any(p.kind == p.VAR_KEYWORD for p in params):
-                break
-        return frozenset(names)
-
-    @classmethod
-    def _client(cls, module: str | None = None) -> Any:
-        """The transport's client library (or one of its modules), imported now."""
-        if cls.client is None:
-            raise ConfigError(f"{cls.__name__} declares no client library")
-        return _require(module or cls.client[0], cls.client[1])
-
-    async def a_init(self) -> None:
-        """Connect (and declare what the transport needs). Idempotent and
-        safe to call concurrently; ``send`` and ``start`` call it."""
-        if self._ready:
-            return
-        if self._init_lock is None:
-            self._init_lock = asyncio.Lock()
-        async with self._init_lock:
-            if not self._ready:
-                await self._connect()
-                self._ready = True
-
-    @abc.abstractmethod
-    async def _connect(self) -> None:
-        """Connect and declare the queue; raise ConnectionFailed otherwise."""
-
-    @abc.abstractmethod
-    async def _disconnect(self) -> None:
-        """Release what ``_connect`` took; bounded in time, never raises."""
+# The legacy library's ways of naming queues, passing send arguments and
+# registering handlers, gathered here; the base classes call these.
 
 
-_ReplyFuture = asyncio.Future[tuple[bytes, str, dict[str, Any]]]
+def _legacy_queue_name(queue_name: str, queues_labels: Mapping[str, Any] | None) -> str:
+    """``Cls(label, queues_labels)``: the wire queue is ``queues_labels[label]["queue"]``."""
+    if queues_labels is None:
+        return queue_name
+    if not isinstance(queues_labels, Mapping):
+        raise ConfigError(f"queues_labels must be a dict of {{label: {{'queue': name}}}}, "
+                          f"got {type(queues_labels).__name__}")
+    label = queues_labels.get(queue_name)
+    return label["queue"] if isinstance(label, Mapping) and label.get("queue") else queue_name
 
 
-class Producer(_Endpoint):
-    """Sends messages to one queue. A transport writes its wire in
-    ``_publish`` and, for request/reply, ``_reply_address``.
-
-    :param queue_name: the queue (RabbitMQ), route (HTTP) or in-process queue.
-    """
-
-    #: Per-message flags ``send`` takes on this transport (others' are ignored).
-    send_flags: ClassVar[frozenset[str]] = frozenset()
-
-    def __init__(self, queue_name: str = "", queues_labels: Mapping[str, Any] | None = None,
-                 **options: Any) -> None:
-        super().__init__(queue_name, queues_labels, **options)
-        self._replies: dict[str, _ReplyFuture] = {}
-        self._replies_ready: asyncio.Future[str] | None = None
-        self._closed = False
-
-    def _message(self, msg: Any, headers_tag: str | None, header_tag: str | None,
-                 content_type: str | None, headers: Mapping[str, Any] | None,
-                 message_id: str | None) -> Message:
-        if content_type is None and headers_tag is None and header_tag is None and type(msg) in _JSON_CONTAINERS:
-            try:  # the common case, first, without encode()'s calls
-                data, ctype = _json_encode(msg).encode(), JSON
-            except (TypeError, ValueError, RecursionError):
-                data, ctype = _to_json(msg), JSON  # raises the EncodeError
-        else:
-            data, ctype = encode(msg, _content_type(headers_tag or header_tag, content_type))
-        return Message(body=msg, data=data, content_type=ctype, headers=dict(headers) if headers else {},
-                       id=message_id or next(_ids), queue=self.queue_name)  # next(): _new_id() without its call
-
-    async def _ensure_open(self) -> None:
-        if self._closed:
-            raise SendError(f"{self!r} is closed; create a new producer to send again")
-        await self.a_init()
-
-    async def send(self, msg: Any, *legacy: Any, headers_tag: str | None = None, header_tag: str | None = None,
-                   content_type: str | None = None, headers: Mapping[str, Any] | None = None,
-                   message_id: str | None = None, timeout: float | None = None,
-                   **flags: Any) -> Any:
-        """Send ``msg`` and return once the transport took responsibility for it.
-
-        :param msg: any JSON value, ``str`` or ``bytes``.
-        :param headers_tag: legacy content type name, ``"JSON"`` or ``"SSI"``
-            (``header_tag``, as the legacy README spells it, works too).
-        :param content_type: an explicit content type; wins over ``headers_tag``.
-        :param headers: extra headers carried with the message.
-        :param timeout: seconds to wait for the transport to accept it.
-        :param legacy: the legacy positional ``method, endpoint, headers_tag``.
-        :return: the reply on synchronous transports (HTTP), else ``None``.
-        :raises SendError: the message was not accepted; nothing is dropped silently.
-        """
-        if legacy:
-            if len(legacy) > 3:
-                raise ConfigError("send() takes at most method, endpoint and headers_tag positionally")
-            for name, value in zip(("method", "endpoint"), legacy):
-                if value is not None:
-                    flags.setdefault(name, value)
-            headers_tag = headers_tag or (legacy[2] if len(legacy) == 3 else None)
-        if flags:
-            flags = _check_flags(flags, self.send_flags, f"{type(self).__name__}.send()")
-        if timeout is not None:
-            timeout = _number("timeout", timeout, float, 0.001)
-        message = self._message(msg, headers_tag, header_tag, content_type, headers, message_id)
-        if not self._ready:
-            await self._ensure_open()
-        if self._hooks or _global_hooks:
-            return await self._observed(self._publish, message, timeout, flags)
-        if flags:
-            return await self._publish(message, timeout, **flags)
-        return await self._publish(message, timeout)
-
-    async def _observed(self, publish: Callable[..., Awaitable[Any]], message: Message, timeout: Any,
-                        flags: dict[str, Any]) -> Any:
-        """``publish`` with the hooks around it."""
-        message.transport = self.transport
-        hooks = [*_global_hooks, *self._hooks]
-        tokens = _before_sending(hooks, message)
-        began, error = time.perf_counter(), None
-        try:
-            return await publish(message, timeout, **flags)
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            _after_sending(hooks, tokens, message, began, error)
-
-    async def request(self, msg: Any, timeout: float = 5.0, *, headers_tag: str | None = None,
-                      header_tag: str | None = None, content_type: str | None = None,
-                      headers: Mapping[str, Any] | None = None, **flags: Any) -> Any:
-        """Send ``msg`` and return the handler's return value. The request
-        expires with ``timeout``: a consumer that finds it later drops it.
-
-        :raises RequestTimeout: no reply within ``timeout`` seconds.
-        :raises RemoteError: the handler failed on every attempt.
-        """
-        if flags:
-            flags = _check_flags(flags, self.send_flags, f"{type(self).__name__}.request()")
-        timeout = _number("timeout", timeout, float, 0.001)
-        message = self._message(msg, headers_tag, header_tag, content_type, headers, None)
-        message.correlation_id = message.id
-        message.headers[_EXPIRES] = int((time.time() + timeout) * 1000)
-        if not self._ready:
-            await self._ensure_open()
-        if self._hooks or _global_hooks:
-            return await self._observed(self._request, message, timeout, flags)
-        return await self._request(message, timeout, **flags)
-
-    async def send_many(self, messages: Iterable[Any], *, headers_tag: str | None = None,
-                        content_type: str | None = None, headers: Mapping[str, Any] | None = None,
-                        timeout: float | None = None, **flags: Any) -> list[Any]:
-        """Send every message of ``messages``, pipelined, and return once each
-        one is confirmed (the results of ``send``, in order). The keywords
-        apply to each message. Every message is encoded before any is sent.
-
-        :raises BatchSendError: some were not sent; its ``failed`` maps their
-            indices to the errors, and every other message was sent.
-        """
-        if flags:
-            flags = _check_flags(flags, self.send_flags, f"{type(self).__name__}.send_many()")
-        if timeout is not None:
-            timeout = _number("timeout", timeout, float, 0.001)
-        batch = [self._message(body, headers_tag, None, content_type, headers, None) for body in messages]
-        if not self._ready:
-            await self._ensure_open()
-        hooks = [*_global_hooks, *self._hooks]
-        if hooks:
-            for message in batch:
-                message.transport = self.transport
-            tokens = [_before_sending(hooks, message) for message in batch]
-            began = time.perf_counter()
-        results = await self._publish_many(batch, timeout, **flags)
-        if hooks:
-            for message, result, sent_tokens in zip(batch, results, tokens):
-                _after_sending(hooks, sent_tokens, message, began, result if isinstance(result, BaseException) else None)
-        failed = {i: result for i, result in enumerate(results) if isinstance(result, BaseException)}
-        if failed:
-            first = next(iter(failed.values()))
-            raise BatchSendError(f"{len(failed)} of {len(batch)} messages to {self.queue_name!r} were not sent "
-                                 f"(indices {sorted(failed)[:20]}{'...' if len(failed) > 20 else ''}): {first}",
-                                 failed)
-        return results
-
-    async def _publish_many(self, batch: list[Message], timeout: float | None, **flags: Any) -> list[Any]:
-        """Publish a batch; each result or exception in order. By default the
-        sends run concurrently, so their confirms pipeline."""
-        return await asyncio.gather(*(self._publish(m, timeout, **flags) for m in batch), return_exceptions=True)
-
-    async def _request(self, message: Message, timeout: float, **flags: Any) -> Any:
-        """Publish with a reply address and wait for the reply the transport
-        hands to ``_on_reply``. Synchronous transports override this."""
-        future: _ReplyFuture = asyncio.get_running_loop().create_future()
-        self._replies[message.id] = future
-        try:
-            async with asyncio.timeout(timeout):
-                message.reply_to = await self._reply_address()
-                await self._publish(message, timeout, **flags)
-                data, ctype, headers = await future
-        except TimeoutError:
-            raise RequestTimeout(f"no reply from queue {self.queue_name!r} within {timeout}s") from None
-        finally:
-            self._replies.pop(message.id, None)
-        return _reply_value(data, ctype, headers, self.queue_name)
-
-    def _on_reply(self, correlation_id: str | None, data: bytes, content_type: str,
-                  headers: dict[str, Any]) -> None:
-        """Hand a reply to the request waiting for it; a late one is dropped."""
-        future = self._replies.get(correlation_id or "")
-        if future is not None and not future.done():
-            future.set_result((data, content_type, headers))
-
-    async def close(self) -> None:
-        """Release connections. Idempotent; the producer cannot send afterwards."""
-        self._closed = True
-        if self._ready:
-            self._ready = False
-            await self._disconnect()
-
-    async def __aenter__(self) -> Self:
-        await self._ensure_open()
-        return self
-
-    async def __aexit__(self, *exc_info: Any) -> None:
-        await self.close()
-
-    @abc.abstractmethod
-    async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> Any:
-        """Hand ``message`` to the transport; return once it took
-        responsibility (or the reply, on synchronous transports), else raise
-        SendError. ``flags`` are this transport's ``send_flags``."""
-
-    async def _reply_address(self) -> str:
-        """Where replies to this producer's requests go: the address from the
-        transport's ``_listen_for_replies()``, which runs once however many
-        first requests come at the same time (and again after it failed)."""
-        ready = self._replies_ready
-        if ready is None or (ready.done() and not ready.cancelled() and ready.exception() is not None):
-            ready = self._replies_ready = asyncio.ensure_future(self._listen_for_replies())
-        return await asyncio.shield(ready)
-
-    async def _listen_for_replies(self) -> str:
-        """Start listening for replies (handing each to ``_on_reply``); return the address."""
-        raise ConfigError(f"{type(self).__name__} does not support request()")
-
-
-_Handler = Callable[[Any], Awaitable[Any]]
+def _legacy_send_args(legacy: tuple[Any, ...], flags: dict[str, Any], headers_tag: str | None) -> str | None:
+    """``send(msg, method, endpoint, headers_tag)`` positionally: the flags
+    and the headers tag they mean."""
+    if len(legacy) > 3:
+        raise ConfigError("send() takes at most method, endpoint and headers_tag positionally")
+    for name, value in zip(("method", "endpoint"), legacy):
+        if value is not None:
+            flags.setdefault(name, value)
+    return headers_tag or (legacy[2] if len(legacy) == 3 else None)
 
 
 def _is_method_in_class_body(fn: Any) -> bool:
@@ -1388,21 +1233,431 @@ class _BindsToInstance:
 
 def _consume_loop_when_called_bare(consumer: Consumer, fn: _F) -> _F:
     """Legacy: the decorator returned the consume loop, so services ran
-    ``await handler()``. Called with a message, it is the handler itself."""
+    ``await handler()``: called with no message, it consumes until cancelled,
+    then stops gracefully. Called with a message, it is the handler itself."""
+    async def consume_forever() -> None:
+        await consumer.start()
+        try:
+            await asyncio.get_running_loop().create_future()
+        finally:
+            await consumer.stop()
+
     if inspect.iscoroutinefunction(fn):
         @functools.wraps(fn)
         async def entry(*args: Any, **kwargs: Any) -> Any:
             if not args and not kwargs:
-                return await consumer._consume_forever()
+                return await consume_forever()
             return await fn(*args, **kwargs)
     else:
         @functools.wraps(fn)
         def entry(*args: Any, **kwargs: Any) -> Any:
             if not args and not kwargs:
-                return consumer._consume_forever()
+                return consume_forever()
             return fn(*args, **kwargs)
     entry._streamtools_handler = fn  # type: ignore[attr-defined]
     return entry  # type: ignore[return-value]
+
+
+def _legacy_route(consumer: Consumer, route: str, override: bool) -> None:
+    """Legacy ``@consumer("name")``: the route was cosmetic unless the
+    consumer had none or ``override=True`` (HTTP)."""
+    if consumer.listens and (override or not consumer.queue_name):
+        if consumer._ready:
+            raise ConfigError(f"{consumer!r} is serving already: route {route!r} comes too late")
+        consumer.queue_name = consumer._check_name(route)
+
+
+###############################################################################
+# Base classes ################################################################
+###############################################################################
+
+
+class _Endpoint(abc.ABC):
+    """What producers and consumers share: a queue name, the transport's
+    facts, options checked once, and a connection made once however many
+    callers ask for it at the same time.
+
+    A transport declares its facts as class attributes (read by the
+    registries, the CLI, the helpers and the tests), takes its own options as
+    keyword parameters of :meth:`configure`, and writes :meth:`connect` and
+    :meth:`disconnect`.
+    """
+
+    #: The registry name of the transport (set by :func:`register_transport`).
+    transport: ClassVar[str] = ""
+    #: The client library the transport imports, and the pip package with it.
+    client: ClassVar[tuple[str, str] | None] = None
+    #: True where a broker stores messages between producer and consumer
+    #: (a message waits for a consumer; retries and dead letters apply).
+    brokered: ClassVar[bool] = True
+    #: True where messages never leave the process (the memory transport).
+    in_process: ClassVar[bool] = False
+    #: The option that takes the broker's address (the CLI's ``--url``).
+    address_option: ClassVar[str | None] = None
+    #: Whether ``Message.redelivered`` tells a message given before (Kafka cannot).
+    tells_redelivery: ClassVar[bool] = True
+
+    def __init__(self, queue_name: str = "", queues_labels: Mapping[str, Any] | None = None,
+                 **options: Any) -> None:
+        self.queue_name = self._check_name(_legacy_queue_name(queue_name, queues_labels))
+        self.agent_keys: dict[str, str] = {}
+        self._hooks: list[Hook] = []
+        if not _observed:
+            _observe()
+        self._ready = False
+        self._init_lock: asyncio.Lock | None = None  # made in a_init: no event loop is needed before
+        unknown = set(options) - self.option_names()
+        if unknown:
+            raise UnknownOption(f"{type(self).__name__} got unknown option(s) {sorted(unknown)}; "
+                                f"it takes {sorted(self.option_names()) or 'none'}")
+        self.configure(**options)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.queue_name!r}>"
+
+    def _check_name(self, queue_name: Any) -> str:
+        return _check_queue_name(queue_name)
+
+    def use(self, hook: Hook) -> Hook:
+        """Run ``hook`` around this producer's sends or this consumer's handling."""
+        if not isinstance(hook, Hook):
+            raise ConfigError(f"use() takes a streamtools.Hook, got {hook!r}")
+        self._hooks.append(hook)
+        return hook
+
+    def add_agent_uuid(self, **keys: str) -> None:
+        """Legacy: take the agent's ids, by transport type (``RabbitMQ=...``,
+        ``HTTP=...``). RabbitMQ suffixes its queue name with the first five
+        characters of its id, as the legacy library did; call it before
+        ``a_init()``."""
+        self.agent_keys.update(keys)
+
+    def configure(self) -> None:
+        """Transport hook: take the transport's own options (keyword
+        parameters with defaults). One that extends another's takes
+        ``**options`` and passes them on."""
+
+    @classmethod
+    @functools.cache
+    def option_names(cls) -> frozenset[str]:
+        """The transport options this class takes (its ``configure`` keywords)."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            configure = klass.__dict__.get("configure")
+            if configure is None:
+                continue
+            params = inspect.signature(configure).parameters.values()
+            names.update(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+                         and p.name != "self")
+            if not any(p.kind == p.VAR_KEYWORD for p in params):
+                break
+        return frozenset(names)
+
+    @classmethod
+    def client_module(cls, module: str | None = None) -> Any:
+        """The transport's client library (or one of its modules), imported
+        now; a missing one raises :class:`MissingDependency` naming its package."""
+        if cls.client is None:
+            raise ConfigError(f"{cls.__name__} declares no client library")
+        return _require(module or cls.client[0], cls.client[1])
+
+    async def a_init(self) -> None:
+        """Connect (and declare what the transport needs). Idempotent and
+        safe to call concurrently; ``send`` and ``start`` call it."""
+        if self._ready:
+            return
+        if self._init_lock is None:
+            self._init_lock = asyncio.Lock()
+        async with self._init_lock:
+            if not self._ready:
+                await self.connect()
+                self._ready = True
+
+    @abc.abstractmethod
+    async def connect(self) -> None:
+        """Transport hook (services call ``a_init()``): connect and declare
+        the queue; raise :class:`ConnectionFailed` otherwise."""
+
+    @abc.abstractmethod
+    async def disconnect(self) -> None:
+        """Transport hook: release what ``connect`` took; bounded in time, never raises."""
+
+
+_ReplyFuture = asyncio.Future["Message"]
+
+
+class Producer(_Endpoint):
+    """Sends messages to one queue. A transport writes its wire in
+    :meth:`publish` and, for request/reply, :meth:`listen_for_replies`.
+
+    :param queue_name: the queue (RabbitMQ), route (HTTP) or in-process queue.
+    """
+
+    #: Per-message flags ``send`` takes on this transport (others' are ignored).
+    send_flags: ClassVar[frozenset[str]] = frozenset()
+    #: True where concurrent sends of one turn of the event loop go to the
+    #: broker together, through one :meth:`publish_many` (a pipeline, a batch).
+    pipelined: ClassVar[bool] = False
+    #: True where ``send(delay=...)`` is supported: :meth:`publish` takes ``delay``.
+    delays: ClassVar[bool] = False
+
+    def __init__(self, queue_name: str = "", queues_labels: Mapping[str, Any] | None = None,
+                 **options: Any) -> None:
+        super().__init__(queue_name, queues_labels, **options)
+        self._replies: dict[str, _ReplyFuture] = {}
+        self._replies_ready: asyncio.Future[str] | None = None
+        self._closed = False
+        self._turn: dict[tuple[Any, ...], list[tuple[Message, asyncio.Future[Any]]]] = {}
+        self._batches: set[asyncio.Task[None]] = set()
+
+    def _message(self, msg: Any, headers_tag: str | None, header_tag: str | None,
+                 content_type: str | None, headers: Mapping[str, Any] | None,
+                 message_id: str | None) -> Message:
+        if content_type is None and headers_tag is None and header_tag is None and type(msg) in _JSON_CONTAINERS:
+            try:  # the common case, first, without encode()'s calls
+                data, ctype = _json_encode(msg).encode(), JSON
+            except (TypeError, ValueError, RecursionError):
+                data, ctype = _to_json(msg), JSON  # raises the EncodeError
+        else:
+            data, ctype = encode(msg, _content_type(headers_tag or header_tag, content_type))
+        return Message(body=msg, data=data, content_type=ctype, headers=dict(headers) if headers else {},
+                       id=message_id or next(_ids), queue=self.queue_name)  # next(): _new_id() without its call
+
+    def _delay(self, delay: Any) -> float | None:
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay < float("inf"):
+            raise ConfigError(f"delay is a number of seconds, at least 0, got {delay!r}")
+        if not self.delays:
+            why = "it delivers at once, with no broker to hold the message" if not self.brokered \
+                else "the transport does not support delay="
+            raise ConfigError(f"{type(self).__name__} cannot send a message later: {why}")
+        return float(delay) or None
+
+    async def _ensure_open(self) -> None:
+        if self._closed:
+            raise SendError(f"{self!r} is closed; create a new producer to send again")
+        await self.a_init()
+
+    async def send(self, msg: Any, *legacy: Any, headers_tag: str | None = None, header_tag: str | None = None,
+                   content_type: str | None = None, headers: Mapping[str, Any] | None = None,
+                   message_id: str | None = None, timeout: float | None = None, delay: float | None = None,
+                   **flags: Any) -> Any:
+        """Send ``msg`` and return once the transport took responsibility for it.
+
+        :param msg: any JSON value, ``str`` or ``bytes``.
+        :param headers_tag: legacy content type name, ``"JSON"`` or ``"SSI"``
+            (``header_tag``, as the legacy README spells it, works too).
+        :param content_type: an explicit content type; wins over ``headers_tag``.
+        :param headers: extra headers carried with the message.
+        :param timeout: seconds to wait for the transport to accept it.
+        :param delay: seconds before a handler may get it: the broker stores it
+            now and holds it until then (brokered transports).
+        :param legacy: the legacy positional ``method, endpoint, headers_tag``.
+        :return: the reply on synchronous transports (HTTP), else ``None``.
+        :raises SendError: the message was not accepted; nothing is dropped silently.
+        """
+        if legacy:
+            headers_tag = _legacy_send_args(legacy, flags, headers_tag)
+        if flags:
+            flags = _check_flags(flags, self.send_flags, f"{type(self).__name__}.send()")
+        if timeout is not None:
+            timeout = _number("timeout", timeout, float, 0.001)
+        if delay is not None and self._delay(delay):
+            flags["delay"] = float(delay)
+        message = self._message(msg, headers_tag, header_tag, content_type, headers, message_id)
+        if not self._ready:
+            await self._ensure_open()
+        publish = self._in_turn if self.pipelined else self.publish
+        if self._hooks or _global_hooks:
+            return await self._observed(publish, message, timeout, flags)
+        if flags:
+            return await publish(message, timeout, **flags)
+        return await publish(message, timeout)
+
+    async def _observed(self, publish: Callable[..., Awaitable[Any]], message: Message, timeout: Any,
+                        flags: dict[str, Any]) -> Any:
+        """``publish`` with the hooks around it."""
+        message.transport = self.transport
+        hooks = [*_global_hooks, *self._hooks]
+        tokens = _before_sending(hooks, message)
+        began, error = time.perf_counter(), None
+        try:
+            return await publish(message, timeout, **flags)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _after_sending(hooks, tokens, message, began, error)
+
+    async def _in_turn(self, message: Message, timeout: float | None, **flags: Any) -> Any:
+        """Publish ``message`` with the other sends of this turn of the event
+        loop, in one :meth:`publish_many` when the turn ends (no timer: a lone
+        send goes at once); its result or error is this caller's own."""
+        key = (timeout, *sorted(flags.items()))
+        batch = self._turn.get(key)
+        if batch is None:
+            if not self._turn:
+                asyncio.get_running_loop().call_soon(self._end_turn)
+            batch = self._turn[key] = []
+        future = asyncio.get_running_loop().create_future()
+        batch.append((message, future))
+        return await future
+
+    def _end_turn(self) -> None:
+        turn, self._turn = self._turn, {}
+        for (timeout, *flags), batch in turn.items():
+            task = asyncio.ensure_future(self._publish_turn(batch, timeout, dict(flags)))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _publish_turn(self, batch: list[tuple[Message, asyncio.Future[Any]]], timeout: float | None,
+                            flags: dict[str, Any]) -> None:
+        results: list[Any]
+        try:
+            if len(batch) == 1:
+                results = [await self.publish(batch[0][0], timeout, **flags)]
+            else:
+                results = await self.publish_many([message for message, _ in batch], timeout, **flags)
+        except Exception as exc:  # every caller of the batch gets it
+            results = [exc] * len(batch)
+        except BaseException as exc:  # cancelled (the loop is closing): the callers are told, then it goes on
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(SendError(f"sending to {self.queue_name!r} was cancelled"))
+            raise exc
+        for (_, future), result in zip(batch, results):
+            if future.done():  # its caller was cancelled
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def request(self, msg: Any, timeout: float = 5.0, *, headers_tag: str | None = None,
+                      header_tag: str | None = None, content_type: str | None = None,
+                      headers: Mapping[str, Any] | None = None, **flags: Any) -> Any:
+        """Send ``msg`` and return the handler's return value. The request
+        expires with ``timeout``: a consumer that finds it later drops it.
+
+        :raises RequestTimeout: no reply within ``timeout`` seconds.
+        :raises RemoteError: the handler failed on every attempt.
+        """
+        if flags:
+            flags = _check_flags(flags, self.send_flags, f"{type(self).__name__}.request()")
+        timeout = _number("timeout", timeout, float, 0.001)
+        message = self._message(msg, headers_tag, header_tag, content_type, headers, None)
+        message.correlation_id = message.id
+        message.headers[_EXPIRES] = int((time.time() + timeout) * 1000)
+        if not self._ready:
+            await self._ensure_open()
+        if self._hooks or _global_hooks:
+            return await self._observed(self._request, message, timeout, flags)
+        return await self._request(message, timeout, **flags)
+
+    async def send_many(self, messages: Iterable[Any], *, headers_tag: str | None = None,
+                        content_type: str | None = None, headers: Mapping[str, Any] | None = None,
+                        timeout: float | None = None, delay: float | None = None, **flags: Any) -> list[Any]:
+        """Send every message of ``messages``, pipelined, and return once each
+        one is confirmed (the results of ``send``, in order). The keywords
+        apply to each message. Every message is encoded before any is sent.
+
+        :raises BatchSendError: some were not sent; its ``failed`` maps their
+            indices to the errors, and every other message was sent.
+        """
+        if flags:
+            flags = _check_flags(flags, self.send_flags, f"{type(self).__name__}.send_many()")
+        if timeout is not None:
+            timeout = _number("timeout", timeout, float, 0.001)
+        if delay is not None and self._delay(delay):
+            flags["delay"] = float(delay)
+        batch = [self._message(body, headers_tag, None, content_type, headers, None) for body in messages]
+        if not self._ready:
+            await self._ensure_open()
+        hooks = [*_global_hooks, *self._hooks]
+        if hooks:
+            for message in batch:
+                message.transport = self.transport
+            tokens = [_before_sending(hooks, message) for message in batch]
+            began = time.perf_counter()
+        results = await self.publish_many(batch, timeout, **flags) if batch else []
+        if hooks:
+            for message, result, sent_tokens in zip(batch, results, tokens):
+                _after_sending(hooks, sent_tokens, message, began, result if isinstance(result, BaseException) else None)
+        failed = {i: result for i, result in enumerate(results) if isinstance(result, BaseException)}
+        if failed:
+            first = next(iter(failed.values()))
+            raise BatchSendError(f"{len(failed)} of {len(batch)} messages to {self.queue_name!r} were not sent "
+                                 f"(indices {sorted(failed)[:20]}{'...' if len(failed) > 20 else ''}): {first}",
+                                 failed)
+        return results
+
+    async def publish_many(self, batch: list[Message], timeout: float | None, **flags: Any) -> list[Any]:
+        """Transport hook: publish a batch; each result or exception in order.
+        By default the publishes run concurrently, so their confirms pipeline."""
+        return await asyncio.gather(*(self.publish(m, timeout, **flags) for m in batch), return_exceptions=True)
+
+    async def _request(self, message: Message, timeout: float, **flags: Any) -> Any:
+        """Publish with a reply address and wait for the reply the transport
+        hands to :meth:`deliver_reply`. Synchronous transports override this."""
+        future: _ReplyFuture = asyncio.get_running_loop().create_future()
+        self._replies[message.id] = future
+        try:
+            async with asyncio.timeout(timeout):
+                message.reply_to = await self.reply_address()
+                await self.publish(message, timeout, **flags)
+                reply = await future
+        except TimeoutError:
+            raise RequestTimeout(f"no reply from queue {self.queue_name!r} within {timeout}s") from None
+        finally:
+            self._replies.pop(message.id, None)
+        return _reply_value(reply, self.queue_name)
+
+    def deliver_reply(self, reply: Message) -> None:
+        """For transports: hand a reply (found by its ``correlation_id``) to
+        the request waiting for it; a late one is dropped."""
+        future = self._replies.get(reply.correlation_id or "")
+        if future is not None and not future.done():
+            future.set_result(reply)
+
+    async def close(self) -> None:
+        """Release connections, once the sends under way are done. Idempotent;
+        the producer cannot send afterwards."""
+        self._closed = True
+        if self._batches:
+            await asyncio.gather(*self._batches, return_exceptions=True)
+        if self._ready:
+            self._ready = False
+            await self.disconnect()
+
+    async def __aenter__(self) -> Self:
+        await self._ensure_open()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def publish(self, message: Message, timeout: float | None, **flags: Any) -> Any:
+        """Transport hook (services call ``send``): hand ``message`` to the
+        transport; return once it took responsibility (or the reply, on
+        synchronous transports), else raise :class:`SendError`. ``flags`` are
+        this transport's ``send_flags``, and ``delay`` where it ``delays``."""
+
+    async def reply_address(self) -> str:
+        """Where replies to this producer's requests go: the address from the
+        transport's :meth:`listen_for_replies`, which runs once however many
+        first requests come at the same time (and again after it failed)."""
+        ready = self._replies_ready
+        if ready is None or (ready.done() and not ready.cancelled() and ready.exception() is not None):
+            ready = self._replies_ready = asyncio.ensure_future(self.listen_for_replies())
+        return await asyncio.shield(ready)
+
+    async def listen_for_replies(self) -> str:
+        """Transport hook: start listening for replies (handing each to
+        :meth:`deliver_reply`); return the address."""
+        raise ConfigError(f"{type(self).__name__} does not support request()")
+
+
+_Handler = Callable[[Any], Awaitable[Any]]
 
 
 def _as_handler(fn: Callable[..., Any], queue: str) -> _Handler:
@@ -1480,6 +1735,11 @@ class _Inbox:
                 self.idle.remove(waiter)
 
 
+def _before_handling(hooks: list[Hook], message: Message, tokens: list[Any]) -> None:
+    for hook in hooks:  # a hook that raises fails the attempt, as the handler would
+        tokens.append(hook.on_handle(message))
+
+
 class Consumer(_Endpoint):
     """Receives the messages of one queue and hands each to a handler.
 
@@ -1489,11 +1749,12 @@ class Consumer(_Endpoint):
     the dead-letter queue ``<queue>.dead`` with the error in its headers; at
     most ``prefetch`` handlers run at once; ``stop()`` drains.
 
-    A transport feeds each message it receives to ``_deliver`` and writes the
-    hooks marked abstract below (its wire): ``_connect``/``_disconnect``,
-    ``_start_intake``/``_stop_intake``, and settling a message: ``_ack``,
-    ``_requeue`` (hand back unfinished), ``_dead_letter``, ``_reply``.
-    ``_retry_later`` lets a broker hold a failed message during its backoff.
+    A transport feeds each message it receives to :meth:`deliver` and writes
+    the hooks marked abstract below (its wire): :meth:`connect` /
+    :meth:`disconnect`, :meth:`start_intake` / :meth:`stop_intake`, and
+    settling a message: :meth:`ack`, :meth:`requeue` (hand back unfinished),
+    :meth:`dead_letter`, :meth:`reply`. :meth:`retry_later` lets a broker
+    hold a failed message during its backoff.
 
     :param queue_name: the queue to consume.
     :param prefetch: how many messages are handled at once.
@@ -1505,7 +1766,7 @@ class Consumer(_Endpoint):
 
     #: Flags the decorator takes on this transport (others' are ignored).
     handler_flags: ClassVar[frozenset[str]] = frozenset()
-    #: False where ``_ack`` has nothing to do (the response is the ack; a
+    #: False where ``ack`` has nothing to do (the response is the ack; a
     #: message taken off an in-process queue is gone): the core skips the call.
     acks: ClassVar[bool] = True
     #: True where the consumer serves HTTP routes on a host and port.
@@ -1551,7 +1812,7 @@ class Consumer(_Endpoint):
         :raises ConfigError: the handler does not take one message argument.
         """
         if isinstance(handler, str):
-            self._legacy_route(handler, override)
+            _legacy_route(self, handler, override)
             handler = None
         flags = _check_flags(flags, self.handler_flags, f"{type(self).__name__} decorator")
         key = self._handler_key(flags)
@@ -1576,23 +1837,6 @@ class Consumer(_Endpoint):
                 where = f" for {key}" if key else ""
                 raise ConfigError(f"queue {self.queue_name!r} already has a handler{where}: {old!r}")
         self._handlers[key] = (entry or fn, _as_handler(fn, self.queue_name))
-
-    def _legacy_route(self, route: str, override: bool) -> None:
-        """Legacy ``@consumer("name")``: the route was cosmetic unless the
-        consumer had none or ``override=True`` (HTTP)."""
-        if self.listens and (override or not self.queue_name):
-            if self._ready:
-                raise ConfigError(f"{self!r} is serving already: route {route!r} comes too late")
-            self.queue_name = self._check_name(route)
-
-    async def _consume_forever(self) -> None:
-        """Legacy: the decorated function called with no message consumes
-        until it is cancelled, then stops gracefully."""
-        await self.start()
-        try:
-            await asyncio.get_running_loop().create_future()
-        finally:
-            await self.stop()
 
     def _handler_key(self, flags: dict[str, Any]) -> str:
         return ""
@@ -1620,7 +1864,7 @@ class Consumer(_Endpoint):
             raise ConfigError(f"no handler for queue {self.queue_name!r}: decorate one with @consumer()")
         await self.a_init()
         self._stopping = False
-        await self._start_intake()
+        await self.start_intake()
         self._running = True
         log.info("consuming %r on %s", self.queue_name, self.transport)
 
@@ -1632,7 +1876,7 @@ class Consumer(_Endpoint):
             return
         self._stopping = True
         if self._running:
-            await self._stop_intake()
+            await self.stop_intake()
         pending = set(self._active)
         if pending:
             _, late = await asyncio.wait(pending, timeout=self.drain_timeout if timeout is None else timeout)
@@ -1644,7 +1888,7 @@ class Consumer(_Endpoint):
                 await asyncio.wait(late)
         self._running = False
         self._ready = False
-        await self._disconnect()
+        await self.disconnect()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -1653,9 +1897,9 @@ class Consumer(_Endpoint):
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.stop()
 
-    async def _deliver(self, message: Message, key: str = "", decoded: bool = False) -> None:
-        """The delivery contract, for one message a transport received:
-        within the concurrency bound, decode (unless ``decoded``), run the
+    async def deliver(self, message: Message, key: str = "", decoded: bool = False) -> None:
+        """For transports: the delivery contract, for one message received.
+        Within the concurrency bound, decode (unless ``decoded``), run the
         handler as ``current_message()``, then reply and acknowledge; on
         failure retry after a backoff, then dead-letter."""
         task = asyncio.current_task()
@@ -1664,91 +1908,43 @@ class Consumer(_Endpoint):
 
     async def _deliver_in(self, task: asyncio.Task[Any], message: Message, key: str = "",
                           decoded: bool = False) -> None:
-        """:meth:`_deliver` in ``task``, which a worker knows without asking."""
+        """:meth:`deliver` in ``task``, which a worker knows without asking."""
         active = self._active  # the messages in flight: their count is the prefetch bound
         if len(active) >= self.prefetch:
             await self._free_slot()
         active.add(task)
         message.transport = self.transport
         hooks = [*_global_hooks, *self._hooks] if _global_hooks or self._hooks else None
-        settled = False
         try:
-            headers = message.headers
-            if _EXPIRES in headers and message.reply_to is not None:
-                expires = headers[_EXPIRES]
-                if isinstance(expires, int) and time.time() * 1000 > expires:
-                    log.debug("dropping request %s of %r: its requester stopped waiting", message.id, self.queue_name)
-                    settled = True
-                    if hooks:
-                        _handled_at_once(hooks, message, "expired", None)
-                    await self._ack(message)
-                    return
+            if _EXPIRES in message.headers and message.reply_to is not None and await self._expired(message, hooks):
+                return
             if not decoded:
-                try:
-                    # decode() without its two calls: a tenth of the memory transport's time per message
-                    content_type = message.content_type
-                    try:
-                        message.body = (_decoders.get(content_type) or _decoder(content_type))(message.data)
-                    except (ValueError, LookupError) as exc:
-                        raise DecodeError(f"body is not valid {content_type}: {exc}") from None
-                except DecodeError as exc:  # no retry can fix a poison message
-                    settled = True
-                    # Dead-letter it as opaque bytes, so the dead-letter queue stays readable.
-                    message.headers = {**headers, "x-original-content-type": message.content_type}
-                    message.content_type = BINARY
-                    if hooks:
-                        _handled_at_once(hooks, message, "dead_lettered", exc)
-                    await self._give_up(message, exc)
-                    return
+                content_type = message.content_type
+                try:  # decode() without its two calls: a tenth of the memory transport's time per message
+                    message.body = (_decoders.get(content_type) or _decoder(content_type))(message.data)
+                except (ValueError, LookupError) as exc:
+                    return await self._unreadable(message, DecodeError(f"body is not valid {content_type}: {exc}"))
             handler = self._handlers[key][1]
-            tokens: list[Any] = []
-            began = 0.0
             while True:
                 token = _current.set(message)
+                tokens: list[Any] = []
+                began = time.perf_counter() if hooks else 0.0
                 try:
                     if hooks:
-                        tokens = []
-                        began = time.perf_counter()
-                        for hook in hooks:  # a hook that raises fails the attempt, as the handler would
-                            tokens.append(hook.on_handle(message))
+                        _before_handling(hooks, message, tokens)
                     result = await handler(message.body)
+                except asyncio.CancelledError:  # the drain timed out: hand the message back
+                    await self.requeue(message)
+                    raise
                 except Exception as exc:
-                    final = message.attempt > self.max_retries
-                    if hooks:
-                        outcome = "retried" if not final else "dead_lettered" if self.brokered else "failed"
-                        _after_handling(hooks, tokens, message, outcome, began, exc)
-                    if final:
-                        settled = True
-                        await self._give_up(message, exc)
-                        return
-                    delay = _backoff(message.attempt, self.retry_backoff, self.retry_backoff_max)
-                    log.warning("handler of %r failed on message %s (attempt %d of %d), retrying in %.2fs: %r",
-                                self.queue_name, message.id, message.attempt, self.max_retries + 1, delay, exc)
-                    log.debug("the handler's traceback", exc_info=exc)
-                    if await self._retry_later(message, delay):
-                        settled = True  # the broker holds it for the backoff; the slot is free
-                        return
-                    await asyncio.sleep(delay)
-                    message.attempt += 1
-                    continue
+                    if await self._failed(message, exc, hooks, tokens, began):
+                        continue
+                    return
                 finally:
                     _current.reset(token)
-                settled = True
-                if message.reply_to is not None:
-                    try:
-                        await self._reply(message, result, None)
-                    except Exception as exc:  # the requester may be gone; the work itself is done
-                        log.warning("could not send the reply to message %s of %r: %r", message.id,
-                                    self.queue_name, exc)
-                if self.acks:
-                    await self._ack(message)
-                if hooks:  # after the reply: a tracing hook's span is current while it is sent
-                    _after_handling(hooks, tokens, message, "ok", began, None)
+                if message.reply_to is not None or self.acks or hooks:
+                    await self._done(message, result, hooks, tokens, began)
                 return
-        except asyncio.CancelledError:
-            if not settled:  # the drain timed out: hand the message back
-                await self._requeue(message)
-            raise
         finally:
             active.discard(task)
             if self._slot_waiters:
@@ -1756,13 +1952,97 @@ class Consumer(_Endpoint):
                 if not waiter.done():
                     waiter.set_result(None)
 
+    async def _done(self, message: Message, result: Any, hooks: list[Hook] | None, tokens: list[Any],
+                    began: float) -> None:
+        """The handler returned: reply, acknowledge, tell the hooks."""
+        if message.reply_to is not None:
+            await self._answer(message, result, None)
+        if self.acks:
+            await self.ack(message)
+        if hooks:  # after the reply: a tracing hook's span is current while it is sent
+            _after_handling(hooks, tokens, message, "ok", began, None)
+
+    async def _failed(self, message: Message, exc: Exception, hooks: list[Hook] | None, tokens: list[Any],
+                      began: float) -> bool:
+        """An attempt failed: give the message up, or have the broker hold it
+        for its backoff, or wait it out here and return True to try again."""
+        final = message.attempt > self.max_retries
+        if hooks:
+            outcome = "retried" if not final else "dead_lettered" if self.brokered else "failed"
+            _after_handling(hooks, tokens, message, outcome, began, exc)
+        if final:
+            await self._give_up(message, exc)
+            return False
+        delay = _backoff(message.attempt, self.retry_backoff, self.retry_backoff_max)
+        log.warning("handler of %r failed on message %s (attempt %d of %d), retrying in %.2fs: %r",
+                    self.queue_name, message.id, message.attempt, self.max_retries + 1, delay, exc)
+        log.debug("the handler's traceback", exc_info=exc)
+        if await self.retry_later(message, delay):
+            return False  # the broker holds it for the backoff; the slot is free
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            await self.requeue(message)
+            raise
+        message.attempt += 1
+        return True
+
+    async def _expired(self, message: Message, hooks: list[Hook] | None) -> bool:
+        """Drop (acknowledged, unhandled) a request whose requester stopped waiting."""
+        expires = message.headers[_EXPIRES]
+        if not isinstance(expires, int) or time.time() * 1000 <= expires:
+            return False
+        log.debug("dropping request %s of %r: its requester stopped waiting", message.id, self.queue_name)
+        if hooks:
+            _handled_at_once(hooks, message, "expired", None)
+        await self.ack(message)
+        return True
+
+    async def _unreadable(self, message: Message, exc: Exception) -> None:
+        """No retry can fix a message that does not decode, or whose envelope
+        cannot be read: to the dead-letter queue at once, as opaque bytes (so
+        that queue stays readable), with the reason."""
+        message.headers = {**message.headers, "x-original-content-type": message.content_type}
+        message.content_type = BINARY
+        hooks = [*_global_hooks, *self._hooks]
+        if hooks:
+            message.transport = self.transport
+            _handled_at_once(hooks, message, "dead_lettered", exc)
+        await self._give_up(message, exc)
+
+    async def _answer(self, message: Message, result: Any, error: str | None) -> None:
+        """Reply to a request; a return value that cannot be sent answers as an error."""
+        try:
+            await self.reply(message, result, error)
+        except EncodeError as exc:  # the work is done; the requester learns its answer is lost
+            log.error("the handler of %r returned what cannot be sent for message %s: %s",
+                      self.queue_name, message.id, exc)
+            await self._answer(message, None, f"EncodeError: the handler's return value cannot be sent: {exc}")
+        except Exception as exc:  # the requester may be gone; the work itself is done
+            log.warning("could not send the reply to message %s of %r: %r", message.id, self.queue_name, exc)
+
+    def reply_message(self, message: Message, result: Any, error: str | None) -> Message:
+        """For transports: the reply to the request ``message``: the handler's
+        ``result`` encoded, or its ``error`` (in ``x-error``), with the
+        request's correlation id, addressed to its ``reply_to``.
+
+        :raises EncodeError: ``result`` cannot be encoded.
+        """
+        headers: dict[str, Any] = {} if error is None else {"x-error": error}
+        if _tracing is not None:  # the reply joins the handling's trace
+            _tracing.inject(headers)
+        data, content_type = (b"", TEXT) if error is not None else encode(result)
+        return Message(data=data, content_type=content_type, headers=headers, id=next(_ids),
+                       queue=message.reply_to or "", correlation_id=message.correlation_id)
+
     @property
     def ready(self) -> bool:
         """True while consuming with the broker connected (``GET /readyz``)."""
-        return self._running and not self._stopping and self._connected()
+        return self._running and not self._stopping and self.connected()
 
-    def _connected(self) -> bool:
-        """Whether the broker connection is up, where the client tells."""
+    def connected(self) -> bool:
+        """Transport hook: whether the broker connection is up (true where
+        there is no broker)."""
         return True
 
     def _start_workers(self, inbox: _Inbox, received: Callable[[Any], Message] | None = None) -> None:
@@ -1786,8 +2066,8 @@ class Consumer(_Endpoint):
                 continue
             try:
                 message = received(item)
-            except Exception:  # unacknowledged, so the broker delivers it again; the worker goes on
-                log.exception("could not read a message received on %r", self.queue_name)
+            except _Unreadable as exc:  # the consumer goes on; the message keeps its reason
+                await self._unreadable(exc.message, exc)
                 continue
             await deliver(me, message)
 
@@ -1825,56 +2105,400 @@ class Consumer(_Endpoint):
                 # A dead letter that fails again goes back to the tail of its queue, after a pause:
                 # nothing is lost, and a lone poison message does not spin.
                 await asyncio.sleep(self.retry_backoff_max)
-            await self._dead_letter(message, headers)
+            await self.dead_letter(message, headers)
+        except asyncio.CancelledError:
+            await self.requeue(message)
+            raise
         except Exception:
             log.exception("could not dead-letter message %s of %r; it goes back to the queue",
                           message.id, self.queue_name)
-            await self._requeue(message)
+            await self.requeue(message)
             return
         if message.reply_to is not None:
-            try:
-                await self._reply(message, None, error)
-            except Exception:
-                log.exception("could not send the error reply for message %s", message.id)
-        await self._ack(message)
+            await self._answer(message, None, error)
+        await self.ack(message)
 
     @abc.abstractmethod
-    async def _start_intake(self) -> None:
-        """Start feeding received messages to ``_deliver``."""
+    async def start_intake(self) -> None:
+        """Transport hook: start feeding received messages to :meth:`deliver`."""
 
     @abc.abstractmethod
-    async def _stop_intake(self) -> None:
-        """Stop receiving; messages already in ``_deliver`` finish."""
+    async def stop_intake(self) -> None:
+        """Transport hook: stop receiving; messages already in :meth:`deliver` finish."""
 
     @abc.abstractmethod
-    async def _ack(self, message: Message) -> None:
-        """The message is done: the transport forgets it."""
+    async def ack(self, message: Message) -> None:
+        """Transport hook: the message is done; the transport forgets it."""
 
     @abc.abstractmethod
-    async def _requeue(self, message: Message) -> None:
-        """Hand an unfinished message back, for redelivery."""
+    async def requeue(self, message: Message) -> None:
+        """Transport hook: hand an unfinished message back, for redelivery."""
 
     @abc.abstractmethod
-    async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
-        """Store the message in ``dead_letter_queue`` with ``headers``."""
+    async def dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
+        """Transport hook: store the message in ``dead_letter_queue`` with ``headers``."""
 
     @abc.abstractmethod
-    async def _reply(self, message: Message, result: Any, error: str | None) -> None:
-        """Answer a request (``message.reply_to``) with the handler's result, or its error."""
+    async def reply(self, message: Message, result: Any, error: str | None) -> None:
+        """Transport hook: answer a request (``message.reply_to``) with the
+        handler's result, or its error (see :meth:`reply_message`)."""
 
-    async def _retry_later(self, message: Message, delay: float) -> bool:
-        """Have the broker hold a failed message for ``delay`` seconds and
-        deliver it again with ``attempt + 1``; True if it did. By default the
-        message is retried in process, holding its slot."""
+    async def retry_later(self, message: Message, delay: float) -> bool:
+        """Transport hook: have the broker hold a failed message for ``delay``
+        seconds and deliver it again with ``attempt + 1``; True if it did. By
+        default the message is retried in process, holding its slot."""
         return False
 
-    def _producer_options(self) -> dict[str, Any]:
+    def producer_options(self) -> dict[str, Any]:
         """Options a producer needs to reach this consumer (HTTP: its URL)."""
         return {}
 
     async def delete_queues(self) -> None:
         """Delete this consumer's queue and its dead-letter queue where a
         broker keeps them (what demo, bench and tests clean up with)."""
+
+
+###############################################################################
+# Base classes: brokers #######################################################
+###############################################################################
+
+_Errors = tuple[type[BaseException], ...]
+
+
+@functools.cache
+def _error_types(names: tuple[str, ...]) -> _Errors:
+    """Exception classes by dotted name (``"redis.exceptions.ConnectionError"``),
+    imported when first needed: a transport declares its client's errors
+    without importing the client."""
+    types = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        types.append(getattr(importlib.import_module(module or "builtins"), attr))
+    return tuple(types)
+
+
+# What a broker endpoint made once per event loop (a topic, a stream, a queue, a table), by
+# (transport, where, name): concurrent callers share the one attempt, a failed one is tried again.
+_ensured: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, str, str], asyncio.Future[None]]] = \
+    weakref.WeakKeyDictionary()
+
+
+class BrokerEndpoint(_Endpoint):
+    """What the producers and consumers of every broker share: the
+    connection's and the send's timeouts, connecting with retry, sending with
+    retry, the error texts (credentials scrubbed), and things made once per
+    event loop. A transport names its broker and declares its client's errors
+    (by dotted name, so nothing is imported before it is used): those of a
+    lost connection (retried with backoff), those of a refused one (never
+    retried), and the client's base error (any other is a refusal of the send).
+
+    :param connect_timeout: how long the first connection is retried, then
+        :class:`ConnectionFailed` naming the broker's address.
+    :param send_timeout: how long a send is retried through an outage, then
+        :class:`SendError`: it never hangs and never drops a message silently.
+    """
+
+    #: The broker's name in messages ("Redis").
+    broker: ClassVar[str] = ""
+    #: Errors of a lost or unreachable connection: retried.
+    lost_errors: ClassVar[tuple[str, ...]] = ("builtins.OSError",)
+    #: Errors of a connection the broker refused (credentials): not retried.
+    refused_errors: ClassVar[tuple[str, ...]] = ()
+    #: The client's base error: a send failing with any other is refused.
+    client_errors: ClassVar[tuple[str, ...]] = ()
+    #: What a refused connection's message says to check.
+    refused_hint: ClassVar[str] = "check the credentials"
+
+    def configure(self, *, connect_timeout: float = 30.0, send_timeout: float = 30.0) -> None:
+        self.connect_timeout = _number("connect_timeout", connect_timeout)
+        self.send_timeout = _number("send_timeout", send_timeout, float, 0.001)
+        self.lost = _error_types(self.lost_errors)
+        self.refused = _error_types(self.refused_errors)
+        self.failures = _error_types(self.client_errors)
+        self.address = _Address([], "", [])
+
+    @property
+    def where(self) -> str:
+        """``host:port`` of the broker(s), for messages (never the credentials)."""
+        return self.address.where
+
+    def cause(self, exc: BaseException) -> str:
+        """An error's text for a message of ours, with every password of the addresses scrubbed."""
+        text = f"{type(exc).__name__}: {exc}"
+        for url in self.address.urls:
+            try:
+                password = urllib.parse.urlsplit(url).password or ""
+            except ValueError:
+                continue
+            for secret in {password, urllib.parse.unquote(password)} - {""}:
+                text = text.replace(secret, "***")
+        return text
+
+    async def connecting(self, connect: Callable[[], Awaitable[_T]],
+                         refusal: Callable[[BaseException], str] | None = None) -> _T:
+        """For transports: ``connect()`` until it succeeds. A host name that
+        does not resolve fails at once (retrying a typo only hides it), a lost
+        or unreachable connection is retried with backoff until
+        ``connect_timeout``, a refused one is not (``refusal(error)`` says
+        what to fix, else ``refused_hint``).
+
+        :raises ConnectionFailed: naming the broker's address, never a password.
+        """
+        hosts, unresolved = self.address.hosts, []
+        for host, port in hosts:
+            try:
+                await _resolve(host.strip("[]"), port, f"{self.broker} at {host}:{port}")
+            except ConnectionFailed as exc:
+                unresolved.append(exc)
+        if unresolved and len(unresolved) == len(hosts):
+            raise unresolved[0] if len(hosts) == 1 else \
+                ConnectionFailed(f"none of the {self.broker} hosts {self.where} resolves") from None
+        for failure in unresolved:
+            log.warning("%s; trying the others", failure)
+        try:  # bounded as a whole too: a client may wait with no limit on its first connection (nats-py)
+            async with asyncio.timeout(self.connect_timeout + 2.0):
+                connection: _T = await _retry(connect, what=f"connecting to {self.broker} at {self.where}",
+                                              retry_on=self.lost + (TimeoutError,), fatal=self.refused,
+                                              deadline=time.monotonic() + self.connect_timeout, base=0.25, cap=5.0)
+                return connection
+        except self.refused as exc:
+            raise ConnectionFailed(refusal(exc) if refusal is not None else f"{self.broker} at {self.where} refused "
+                                   f"the connection ({self.cause(exc)}): {self.refused_hint}") from None
+        except self.lost + (TimeoutError,) as exc:
+            raise ConnectionFailed(f"cannot connect to {self.broker} at {self.where} within "
+                                   f"{self.connect_timeout}s: {self.cause(exc)}") from None
+
+    async def sending(self, what: str, operation: Callable[[], Awaitable[_T]], timeout: float | None = None, *,
+                      failed: BaseException | None = None, retry_on: _Errors = (),
+                      late: Callable[[float], str] | None = None) -> _T:
+        """For transports: ``operation()`` until it succeeds, retrying a lost
+        connection (and ``retry_on``) with backoff until ``timeout`` (the send
+        timeout); ``failed`` is the error of a first try the caller made
+        itself (its hot path spared this coroutine).
+
+        :raises SendError: ``what`` was not taken in time (``late(timeout)``
+            says why, if given), or the broker refused it.
+        """
+        timeout = self.send_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(timeout):
+                result: _T = await _retry(operation, what=f"sending {what} to {self.broker} at {self.where}",
+                                          retry_on=self.lost + retry_on, base=0.1, cap=2.0, failed=failed)
+                return result
+        except TimeoutError:
+            raise SendError(late(timeout) if late is not None else
+                            f"{self.broker} at {self.where} did not take {what} within {timeout}s") from None
+        except self.failures + self.lost as exc:
+            raise SendError(f"{self.broker} at {self.where} refused {what}: {self.cause(exc)}") from None
+
+    async def ensure_once(self, name: str, create: Callable[[], Awaitable[None]]) -> None:
+        """For transports: run ``create`` (make a topic, a stream, a queue)
+        once per event loop for ``name`` on this broker, however many callers
+        ask at the same time; one that failed is tried again by the next."""
+        known = _ensured.setdefault(asyncio.get_running_loop(), {})
+        key = (self.transport, self.where, name)
+        made = known.get(key)
+        if made is None or (made.done() and (made.cancelled() or made.exception() is not None)):
+            made = known[key] = asyncio.ensure_future(create())
+        await asyncio.shield(made)
+
+    def forget(self, *names: str) -> None:
+        """For transports: ``names`` were deleted; :meth:`ensure_once` makes them again."""
+        known = _ensured.get(asyncio.get_running_loop(), {})
+        for name in names:
+            known.pop((self.transport, self.where, name), None)
+
+    def connection_event(self, event: str) -> None:
+        """For transports: the broker connection was ``"lost"`` or ``"restored"``
+        (logged, and told to the hooks' ``on_connection``)."""
+        _connection_event(self.transport, self.where, event)
+
+
+class BrokeredConsumer(Consumer):
+    """A consumer with a broker in between. Dead letters and replies are
+    messages it sends: a transport writes :meth:`send_to` (store a message in
+    a queue, made if missing, confirmed) and, where replies travel otherwise,
+    :meth:`send_reply`; and :meth:`connected`, so readiness is true."""
+
+    async def dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
+        await self.send_to(self.dead_letter_queue, Message(
+            data=message.data, content_type=message.content_type, headers=headers, id=message.id,
+            queue=self.dead_letter_queue, correlation_id=message.correlation_id))
+
+    async def reply(self, message: Message, result: Any, error: str | None) -> None:
+        await self.send_reply(message.reply_to or "", self.reply_message(message, result, error))
+
+    @abc.abstractmethod
+    async def send_to(self, queue: str, message: Message) -> None:
+        """Transport hook: store ``message`` in ``queue`` (made if missing);
+        return once the broker confirmed it."""
+
+    async def send_reply(self, address: str, reply: Message) -> None:
+        """Transport hook: send ``reply`` to a requester's reply ``address``
+        (by default as :meth:`send_to` would)."""
+        await self.send_to(address, reply)
+
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """Transport hook: whether this consumer's broker connection is up."""
+
+
+class PullingConsumer(BrokerEndpoint, BrokeredConsumer):
+    """A consumer that asks its broker for messages (Kafka, NATS, Redis, SQS,
+    PostgreSQL): up to ``prefetch`` in flight, fetched again in batches once
+    a quarter of them finished, handed to ``prefetch`` worker tasks.
+
+    A transport writes :meth:`fetch` (up to ``room`` raw messages),
+    :meth:`received` (a raw message as a :class:`Message`), :meth:`acknowledge`
+    and, as its broker allows, :meth:`hand_back`, :meth:`hold` (a failed
+    attempt waits on the broker), :meth:`unstarted` and :meth:`background`.
+    """
+
+    async def start_intake(self) -> None:
+        self._in_flight = 0
+        self._room = asyncio.Event()
+        self._fetching = True
+        self._inbox = _Inbox()
+        self._start_workers(self._inbox, self.received)
+        self._tasks = [asyncio.create_task(self._pull()), *map(asyncio.create_task, self.background())]
+
+    async def _pull(self) -> None:
+        low_water = max(1, self.prefetch // 4)  # fetch in batches, not a message per finished handler
+        while not self._stopping:
+            room = self.prefetch - self._in_flight
+            if room < low_water:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                items = await self.fetch(room)
+            except self.failures + self.lost as exc:
+                if self._stopping:
+                    return
+                self._fetching = False
+                log.warning("fetching from %r on %s failed (%s); retrying", self.queue_name,
+                            self.where, self.cause(exc))
+                await asyncio.sleep(0.5)
+                continue
+            self._fetching = True
+            if items:
+                self._in_flight += len(items)
+                self._inbox.put_many(items)
+
+    async def stop_intake(self) -> None:
+        self._room.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._stop_workers()
+        left = list(self._inbox.items)  # received, never started
+        self._inbox.items.clear()
+        await self.unstarted(left)
+
+    def _settled(self) -> None:
+        self._in_flight -= 1
+        self._room.set()
+
+    async def ack(self, message: Message) -> None:
+        self._settled()
+        await self.acknowledge(message)
+
+    async def requeue(self, message: Message) -> None:
+        self._settled()
+        await self.hand_back(message)
+
+    async def retry_later(self, message: Message, delay: float) -> bool:
+        if not await self.hold(message, delay):
+            return False
+        self._settled()
+        return True
+
+    @abc.abstractmethod
+    async def fetch(self, room: int) -> list[Any]:
+        """Transport hook: up to ``room`` raw messages (waiting a while for
+        some; none is fine). A lost connection's error is retried."""
+
+    @abc.abstractmethod
+    def received(self, raw: Any) -> Message:
+        """Transport hook: the :class:`Message` of a raw one; raises
+        ``_Unreadable`` for one whose envelope cannot be read."""
+
+    @abc.abstractmethod
+    async def acknowledge(self, message: Message) -> None:
+        """Transport hook: the broker forgets the message; never raises (a
+        failure means it is delivered again)."""
+
+    async def hand_back(self, message: Message) -> None:
+        """Transport hook: an unfinished message goes back to the broker now
+        (by default it comes back by itself, after a timeout or a restart)."""
+
+    async def hold(self, message: Message, delay: float) -> bool:
+        """Transport hook: have the broker give the failed message again
+        after ``delay`` seconds, as attempt ``message.attempt + 1``; True if it did."""
+        return False
+
+    async def unstarted(self, raws: list[Any]) -> None:
+        """Transport hook: ``raws`` were received but not started at ``stop()``."""
+
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        """Transport hook: coroutines to run beside the fetching while consuming."""
+        return []
+
+    def connected(self) -> bool:
+        """Whether the last fetch reached the broker."""
+        return self._fetching
+
+
+class PumpedReplies(BrokerEndpoint, Producer):
+    """A producer that reads its replies from an address of its own (a
+    topic, a stream, a queue) with one task, and deletes that address when it
+    closes. A transport writes :meth:`open_replies`, :meth:`read_replies` and
+    :meth:`close_replies`, and calls :meth:`stop_replies` in ``disconnect``."""
+
+    _reply_pump: asyncio.Task[None] | None = None
+
+    async def listen_for_replies(self) -> str:
+        address = await self.open_replies()
+        self._reply_pump = asyncio.create_task(self._pump_replies(address))
+        return address
+
+    async def _pump_replies(self, address: str) -> None:
+        lost = self.lost + self.failures
+        while self._reply_pump is not None:
+            try:
+                replies = await self.read_replies(address)
+            except lost as exc:
+                if self._reply_pump is None:
+                    return  # closing: some clients turn a cancellation into a connection error
+                log.warning("reading replies on %s failed (%r); retrying", self.where, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for reply in replies:
+                self.deliver_reply(reply)
+
+    async def stop_replies(self) -> None:
+        """Stop reading replies and delete the reply address."""
+        pump, self._reply_pump = self._reply_pump, None
+        if pump is None:
+            return
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+        ready = self._replies_ready
+        if ready is not None and ready.done() and not ready.cancelled() and ready.exception() is None:
+            await _closing(f"deleting the reply address {ready.result()!r}", self.close_replies(ready.result()))
+
+    @abc.abstractmethod
+    async def open_replies(self) -> str:
+        """Transport hook: make this producer's reply address; return it."""
+
+    @abc.abstractmethod
+    async def read_replies(self, address: str) -> list[Message]:
+        """Transport hook: the replies that arrived (waiting a while for some)."""
+
+    @abc.abstractmethod
+    async def close_replies(self, address: str) -> None:
+        """Transport hook: delete the reply address."""
+
 
 
 ###############################################################################
@@ -1896,6 +2520,10 @@ class _MemoryBroker:
             queue = self.queues[name] = _Inbox()
         return queue
 
+    def later(self, delay: float, name: str, item: Any) -> None:
+        """Put ``item`` in queue ``name`` after ``delay`` seconds (a delayed send, a retry)."""
+        asyncio.get_running_loop().call_later(delay, lambda: self.queue(name).put(item))
+
 
 _memory_brokers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _MemoryBroker] = weakref.WeakKeyDictionary()
 
@@ -1913,72 +2541,85 @@ class MemoryProducer(Producer):
     sent before any consumer exists waits in its queue."""
 
     in_process = True
+    delays = True
 
-    async def _connect(self) -> None:
+    async def connect(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._broker = _memory_broker()
         self._queue = self._broker.queue(self.queue_name)
 
-    async def _disconnect(self) -> None:
+    async def disconnect(self) -> None:
         """Nothing to release: the broker belongs to the event loop."""
 
-    async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
+    async def publish(self, message: Message, timeout: float | None, delay: float | None = None,
+                      **flags: Any) -> None:
         if self._loop is not asyncio.get_running_loop():  # reused under a new asyncio.run()
-            await self._connect()
+            await self.connect()
         # A tuple of strings and bytes, not the Message: the garbage collector untracks it, so a
         # backlog costs no full collections (a backlog of Messages cost 0.8 us a message in them).
-        self._queue.put((message.data, message.content_type, message.headers or None, message.id,
-                         message.correlation_id, message.reply_to))
+        item = (message.data, message.content_type, message.headers or None, message.id, message.correlation_id,
+                message.reply_to)
+        if delay:
+            self._broker.later(delay, self.queue_name, item)
+        else:
+            self._queue.put(item)
 
-    async def _reply_address(self) -> str:
+    async def reply_address(self) -> str:
         if self._loop is not asyncio.get_running_loop():
-            await self._connect()
+            await self.connect()
         self._broker.producers[id(self)] = self
         return str(id(self))
 
 
 class MemoryConsumer(Consumer):
-    """Consumes a queue of the in-process broker with ``prefetch`` workers."""
+    """Consumes a queue of the in-process broker with ``prefetch`` workers; a
+    failed attempt waits out its backoff in the broker, freeing its slot."""
 
     in_process = True
     acks = False
 
-    async def _connect(self) -> None:
+    async def connect(self) -> None:
         self._broker = _memory_broker()
         self._queue = self._broker.queue(self.queue_name)
 
-    async def _disconnect(self) -> None:
+    async def disconnect(self) -> None:
         """Nothing to release: the broker belongs to the event loop."""
 
-    async def _start_intake(self) -> None:
+    async def start_intake(self) -> None:
         self._start_workers(self._queue, self._received)
 
     def _received(self, item: tuple[Any, ...] | Message) -> Message:
-        if type(item) is not tuple:  # handed back, or dead-lettered: a Message already
+        if type(item) is not tuple:  # handed back, retried or dead-lettered: a Message already
             return item  # type: ignore[return-value]
         data, content_type, headers, message_id, correlation_id, reply_to = item
         return Message(data=data, content_type=content_type, headers={} if headers is None else headers,
                        id=message_id, queue=self.queue_name, correlation_id=correlation_id, reply_to=reply_to)
 
-    async def _stop_intake(self) -> None:
+    async def stop_intake(self) -> None:
         await self._stop_workers()
 
-    async def _ack(self, message: Message) -> None:
+    async def ack(self, message: Message) -> None:
         """Nothing to do: a message taken off the queue is gone from it."""
 
-    async def _requeue(self, message: Message) -> None:
+    async def requeue(self, message: Message) -> None:
         message.redelivered = True
         self._queue.put(message)
 
-    async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
+    async def retry_later(self, message: Message, delay: float) -> bool:
+        message.attempt += 1
+        message.redelivered = True
+        self._broker.later(delay, self.queue_name, message)
+        return True
+
+    async def dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
         dead = Message(data=message.data, content_type=message.content_type, headers=headers, id=message.id,
                        queue=self.dead_letter_queue, correlation_id=message.correlation_id)
         self._broker.queue(self.dead_letter_queue).put(dead)
 
-    async def _reply(self, message: Message, result: Any, error: str | None) -> None:
+    async def reply(self, message: Message, result: Any, error: str | None) -> None:
         producer = self._broker.producers.get(int(message.reply_to or 0))
         if producer is not None:
-            producer._on_reply(message.correlation_id, *_reply_payload(result, error))
+            producer.deliver_reply(self.reply_message(message, result, error))
 
     async def delete_queues(self) -> None:
         """Forget this consumer's queue and its dead-letter queue."""
@@ -1999,55 +2640,36 @@ _DEATH_HEADERS = ("x-death", "x-first-death-exchange", "x-first-death-queue", "x
 #: Header naming the headers that were floats: AMQP tables would carry them as
 #: 32-bit floats (pamqp), so they travel as exact decimal strings instead.
 _FLOAT_HEADERS = "x-st-floats"
+#: The longest delay a RabbitMQ delay queue holds (its TTL is a 32-bit count of milliseconds).
+_RMQ_MAX_DELAY_MS = 2**31 - 1
 
 
-def _rmq_urls(url: str | Sequence[str] | None, host: str | None, port: int | str | None, user: str | None,
-              password: str | None, vhost: str | None) -> list[str]:
+def _rmq_address(url: str | Sequence[str] | None, host: str | None, port: int | str | None, user: str | None,
+                 password: str | None, vhost: str | None) -> _Address:
     """The AMQP URLs of the brokers (several: the nodes of a cluster, tried in
     turn) from options, else ``RMQ_URL``, else ``RMQ_HOST``... ; a list, or
     comma-separated in a string."""
     urls = url or os.environ.get("RMQ_URL")
-    if urls:
-        items = [u.strip() for u in (urls.split(",") if isinstance(urls, str) else urls)]
-        if not items or not all(isinstance(u, str) and u for u in items):
-            raise ConfigError(f"url takes an amqp:// URL or a list of them, got {[_redact(str(u)) for u in items]}")
-        for item in items:
-            scheme = urllib.parse.urlsplit(item).scheme if "://" in item else ""
-            if scheme not in ("amqp", "amqps"):
-                raise ConfigError(f"a RabbitMQ URL starts with amqp:// or amqps://, got {_redact(item)!r}")
-            try:
-                urllib.parse.urlsplit(item).port
-            except ValueError:
-                raise ConfigError(f"bad port in RabbitMQ URL {_redact(item)!r}") from None
-        return items
-    hosts = [h.strip() for h in (host or _setting("RMQ_HOST", "localhost")).split(",") if h.strip()]
-    user = user if user is not None else _setting("RMQ_USER", "guest")
-    password = password if password is not None else _setting("RMQ_PASS", "guest")
-    vhost = vhost if vhost is not None else _setting("RMQ_VHOST", "/")
-    quote = urllib.parse.quote
-    result = []
-    for one in hosts or ["localhost"]:
-        one_port = port
-        if ":" in one and not one.startswith("["):  # RMQ_HOST=host:port, as the legacy library took it
-            one, _, host_port = one.rpartition(":")
-            one_port = one_port or host_port
-        number = _port("RMQ_PORT", one_port or _setting("RMQ_PORT", "5672"), 1)
-        result.append(f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{one}:{number}/"
-                      f"{quote(vhost, safe='')}")
-    return result
+    if not urls:
+        user = user if user is not None else _setting("RMQ_USER", "guest")
+        password = password if password is not None else _setting("RMQ_PASS", "guest")
+        vhost = vhost if vhost is not None else _setting("RMQ_VHOST", "/")
+        quote, built = urllib.parse.quote, []
+        for one in [h.strip() for h in (host or _setting("RMQ_HOST", "localhost")).split(",") if h.strip()] \
+                or ["localhost"]:
+            one_port = port
+            if ":" in one and not one.startswith("["):  # RMQ_HOST=host:port, as the legacy library took it
+                one, _, host_port = one.rpartition(":")
+                one_port = one_port or host_port
+            number = _port("RMQ_PORT", one_port or _setting("RMQ_PORT", "5672"), 1)
+            built.append(f"amqp://{quote(user, safe='')}:{quote(password, safe='')}@{one}:{number}/"
+                         f"{quote(vhost, safe='')}")
+        urls = built
+    return _addresses(urls, (), "", "RabbitMQ", ("amqp", "amqps"), {"amqp": 5672, "amqps": 5671})
 
 
-def _cause_text(text: str, url: str) -> str:
-    """``text`` with the URL's password scrubbed."""
-    password = urllib.parse.urlsplit(url).password or ""
-    for secret in {password, urllib.parse.unquote(password)} - {""}:
-        text = text.replace(secret, "***")
-    return text
-
-
-def _where(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.hostname}:{parts.port or (5671 if parts.scheme == 'amqps' else 5672)}"
+class _Nacked(Exception):
+    """RabbitMQ refused a publish (``Basic.Nack``): retried on a fresh channel."""
 
 
 def _vhost(url: str) -> str:
@@ -2055,23 +2677,41 @@ def _vhost(url: str) -> str:
     return urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
 
 
+def _delay_ms(delay: float) -> int:
+    """A delay in milliseconds, rounded up to two significant digits (at most
+    10% later): every message of a delay queue waits as long, so none waits
+    behind another."""
+    ms = max(1, math.ceil(delay * 1000))
+    scale = int(10 ** max(0, len(str(ms)) - 2))
+    return -(-ms // scale) * scale
+
+
 class _SharedConnection:
+    """One robust connection to a broker list, shared by the producers and
+    consumers of an event loop for one role, and the channels they gave back.
+    A channel is taken again rather than closed: aiormq keeps a little of
+    every channel closed on a live connection until that connection closes,
+    so a producer made per request would grow the process without bound."""
+
     def __init__(self) -> None:
         self.connection: Any = None
         self.users = 0
         self.lock = asyncio.Lock()
+        self.idle: list[Any] = []
 
 
 # Two robust connections per broker list per event loop, one that publishes and
 # one that consumes (as RabbitMQ advises: a memory or disk alarm blocks every
 # connection that publishes, acknowledgements included), each shared by every
-# producer and consumer of the process; each of them opens its own channel.
+# producer and consumer of the process; each of them takes a channel of its own.
 _rmq_connections: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop,
                                             dict[tuple[str, str], _SharedConnection]] = weakref.WeakKeyDictionary()
 
 
 class _BlockedReasons(logging.Filter):
-    """Why RabbitMQ blocked a connection ("low on memory"): aiormq only logs it."""
+    """Why RabbitMQ blocked a connection ("low on memory"): aiormq only logs
+    it. Also silences the clients' lines about a failed connection attempt,
+    which streamtools retries and reports in its own words."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -2083,250 +2723,167 @@ class _BlockedReasons(logging.Filter):
             self.reasons[args[0]] = str(args[1])
         elif record.msg == "Connection %r was unblocked" and args:
             self.reasons.pop(args[0], None)
-        return True
+        return not str(record.msg).startswith(("Connection attempt to", "Unexpected connection close from remote",
+                                                "Reconnecting to", "Connection to", "error when creating transport"))
 
 
 _blocked = _BlockedReasons()
-_CLOSE_TIMEOUT = 5.0
-
-_Errors = tuple[type[BaseException], ...]
-
-
-class _Nacked(Exception):
-    """RabbitMQ refused a publish (``Basic.Nack``): retried on a fresh channel."""
-
-
-def _cancelling() -> bool:
-    """Whether the running task is being cancelled (not a client library
-    ending its own operations with CancelledError)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-async def _closing(what: str, operation: Awaitable[Any]) -> None:
-    """A shutdown step that talks to the broker. aio-pika waits for a lost
-    connection to come back with no limit; a stop must not: by then the
-    broker has taken back every unacknowledged message anyway."""
-    try:
-        async with asyncio.timeout(_CLOSE_TIMEOUT):
-            await operation
-    except Exception as exc:  # gone already, or the broker is unreachable
-        log.debug("%s: %r", what, exc)
 
 
 class _AMQPLink:
-    """One producer's or consumer's link to RabbitMQ: settings, the shared
-    robust connection, a channel with publisher confirms, queue declaration
-    and a confirmed publish that survives reconnection."""
+    """One producer's or consumer's link to RabbitMQ: the shared robust
+    connection of its role, a channel with publisher confirms, queue
+    declaration and a confirmed publish that survives reconnection."""
 
-    def __init__(self, owner: _Endpoint, url: str | Sequence[str] | None, host: str | None, port: int | str | None,
-                 user: str | None, password: str | None, vhost: str | None, queue_type: str,
-                 connect_timeout: float, reconnect_interval: float, send_timeout: float, heartbeat: float) -> None:
-        self.aio_pika = owner._client()
-        aiormq = importlib.import_module("aiormq")  # aio-pika's own dependency
-        self.errors, self.spec = aiormq.exceptions, aiormq.spec
-        logging.getLogger("aiormq").addHandler(_quiet)
-        logging.getLogger("aiormq.connection").addFilter(_blocked)  # idempotent: the same filter object
-        # aiormq gives up on a silent link after (heartbeat + 1) * 3 seconds: the default 60
-        # leaves a blackholed connection unnoticed for 3 minutes; 9 notices it within 30 s.
-        beat = _number("heartbeat", heartbeat, int, 0)
-        self.urls = [u if "heartbeat=" in u else f"{u}{'&' if '?' in u else '?'}heartbeat={beat}"
-                     for u in _rmq_urls(url, host, port, user, password, vhost)]
-        self.url = self.urls[0]
-        self.key = ",".join(self.urls)  # the shared connection's
-        if queue_type not in ("classic", "quorum"):
-            raise ConfigError(f"queue_type must be 'classic' or 'quorum', got {queue_type!r}")
-        self.queue_args = {"x-queue-type": queue_type} if queue_type == "quorum" else None
-        self.connect_timeout = _number("connect_timeout", connect_timeout)
-        self.reconnect_interval = _number("reconnect_interval", reconnect_interval)
-        self.send_timeout = _number("send_timeout", send_timeout, float, 0.001)
-        errors = self.errors
-        #: Errors of a lost connection (retried), and errors no retry can fix.
-        self.lost: _Errors = (OSError, errors.AMQPConnectionError, errors.ChannelInvalidStateError,
-                              errors.ChannelClosed)
-        self.refused: _Errors = (errors.AuthenticationError, errors.ProbableAuthenticationError,
-                                 errors.ConnectionNotAllowed, errors.ProtocolSyntaxError)
-        self.no_retry: _Errors = (TimeoutError, errors.DeliveryError, errors.ChannelAccessRefused,
-                                  errors.ChannelPreconditionFailed)
-        #: ``host:port`` of the brokers, for messages (never the credentials).
-        self.where = ",".join(_where(u) for u in self.urls)
-        #: "publish" or "consume": which of the process's two connections this link uses.
-        self.role = "publish"
+    def __init__(self, owner: _RabbitMQEndpoint, role: str) -> None:
+        self.owner, self.role = owner, role
+        self.errors, self.spec = owner.aiormq.exceptions, owner.aiormq.spec
         self.connection: Any = None
         self.channel: Any = None
         self.prefetch = 0
-        self.declared: set[str] = set()
-        #: Run after the channel was replaced by a fresh one (a producer listening for replies re-listens).
+        self.declared: dict[str, float] = {}  # queue name: when declared (delay queues expire unused)
+        #: Run after the channel was replaced by a fresh one, or reopened after a reconnection.
         self.on_renew: Callable[[], Awaitable[None]] | None = None
-        self._renewing: asyncio.Lock | None = None
-
-    def sibling(self, role: str) -> _AMQPLink:
-        """A link with the same settings, on the ``role`` connection."""
-        other = copy.copy(self)
-        other.role, other.connection, other.channel, other.declared = role, None, None, set()
-        other.on_renew = other._renewing = None
-        return other
-
-    def cause(self, exc: BaseException) -> str:
-        """An error's text for a message of ours, with every URL's password scrubbed."""
-        text = f"{type(exc).__name__}: {exc}"
-        for url in self.urls:
-            text = _cause_text(text, url)
-        return text
+        self._renewing = asyncio.Lock()
 
     # The shared connection.
 
-    async def _acquire(self) -> Any:
-        shared = _rmq_connections.setdefault(asyncio.get_running_loop(), {}).setdefault(
-            (self.key, self.role), _SharedConnection())
+    def _shared(self) -> _SharedConnection:
+        return _rmq_connections.setdefault(asyncio.get_running_loop(), {}).setdefault(
+            (",".join(self.owner.address.urls), self.role), _SharedConnection())
+
+    async def _acquire(self) -> _SharedConnection:
+        shared = self._shared()
         async with shared.lock:
             if shared.connection is None or shared.connection.is_closed:
-                shared.connection = await self._connect()
+                shared.connection, shared.idle = await self._connect(), []
             shared.users += 1
-            return shared.connection
+            return shared
 
     async def _connect(self) -> Any:
-        reachable = []
-        for url in self.urls:  # a name that does not resolve is a typo: say so at once
-            parts = urllib.parse.urlsplit(url)
-            try:
-                await _resolve(parts.hostname or "localhost", parts.port or 5672, f"RabbitMQ at {_where(url)}")
-                reachable.append(url)
-            except ConnectionFailed:
-                if len(self.urls) == 1:
-                    raise
-                log.warning("RabbitMQ host %s does not resolve; trying the others", _where(url))
-        if not reachable:
-            raise ConnectionFailed(f"none of the RabbitMQ hosts {self.where} resolves")
-        turn = itertools.cycle(reachable)
+        owner = self.owner
+        turn = itertools.cycle(owner.address.urls)
 
         async def connect() -> Any:  # the brokers in turn, one a try
-            url = next(turn)
-            self.url = url
-            return await self.aio_pika.connect_robust(url, reconnect_interval=self.reconnect_interval,
-                                                      timeout=min(10.0, self.connect_timeout or 10.0))
+            owner.url = next(turn)
+            return await owner.aio_pika.connect_robust(owner.url, reconnect_interval=owner.reconnect_interval,
+                                                       timeout=min(10.0, owner.connect_timeout or 10.0))
 
-        try:
-            connection = await _retry(
-                connect, what=f"connecting to RabbitMQ at {self.where}", retry_on=self.lost + (TimeoutError,),
-                fatal=self.refused, deadline=time.monotonic() + self.connect_timeout, base=0.25, cap=5.0)
-        except self.refused as exc:
-            user = urllib.parse.unquote(parts.username or "")
-            if isinstance(exc, self.errors.ProtocolSyntaxError):  # the broker closed the handshake
-                raise ConnectionFailed(f"RabbitMQ at {self.where} refused vhost {_vhost(self.url)!r} for user "
-                                       f"{user!r}: it does not exist or the user may not use it; check "
-                                       "RMQ_VHOST (or RMQ_URL)") from None
-            raise ConnectionFailed(f"RabbitMQ at {self.where} refused user {user!r}: check "
-                                   "RMQ_USER, RMQ_PASS and RMQ_VHOST (or RMQ_URL)") from None
-        except self.lost + (TimeoutError,) as exc:
-            raise ConnectionFailed(f"cannot connect to RabbitMQ at {self.where} within {self.connect_timeout}s: "
-                                   f"{self.cause(exc)}") from None
-        where = self.where
+        connection = await owner.connecting(connect, owner.refusal)
 
         def lost(_: Any, exc: BaseException | None) -> None:
             if isinstance(exc, Exception):
-                _connection_event(RABBITMQ, where, "lost")
-                if len(self.urls) > 1:
+                owner.connection_event("lost")
+                if len(owner.address.urls) > 1:
                     asyncio.ensure_future(self._fail_over(connection))
 
         connection.close_callbacks.add(lost)
-        connection.reconnect_callbacks.add(lambda _: _connection_event(RABBITMQ, where, "restored"))
+        connection.reconnect_callbacks.add(lambda _: owner.connection_event("restored"))
         return connection
 
     async def _fail_over(self, connection: Any) -> None:
         """While the robust connection is reconnecting, point it at the next
         broker before each of its attempts (aio-pika takes one URL): a
         cluster's live node takes over within a few reconnect intervals."""
-        urls = self.urls
-        index = urls.index(self.url) if self.url in urls else 0
+        urls, owner = self.owner.address.urls, self.owner
+        index = urls.index(owner.url) if owner.url in urls else 0
         while not connection.connected.is_set() and not connection.close_called and not connection.is_closed:
             index = (index + 1) % len(urls)
-            self.url = urls[index]
-            connection.url = type(connection.url)(self.url)
-            log.info("reconnecting to RabbitMQ at %s", _where(self.url))
-            await asyncio.sleep(self.reconnect_interval)
+            owner.url = urls[index]
+            connection.url = type(connection.url)(owner.url)
+            log.info("reconnecting to RabbitMQ at %s:%d", *owner.address.hosts[index])
+            await asyncio.sleep(owner.reconnect_interval)
 
     async def _release(self) -> None:
-        shared = _rmq_connections.get(asyncio.get_running_loop(), {}).get((self.key, self.role))
-        if shared is None:
-            return
+        shared = self._shared()
         async with shared.lock:
             shared.users -= 1
             if shared.users <= 0 and shared.connection is not None:
-                connection, shared.connection = shared.connection, None
-                await _closing(f"closing the connection to {self.where}", connection.close())
+                connection, shared.connection, shared.idle = shared.connection, None, []
+                await _closing(f"closing the connection to {self.owner.where}", connection.close())
 
     # A channel on it.
 
-    async def open(self, *queues: str, prefetch: int = 0) -> list[Any]:
-        """Open a channel on the shared connection, set its QoS and declare
-        durable ``queues``, within ``connect_timeout``: a broker that is down
-        is an error, not a hang."""
-        self.connection = await self._acquire()
-        self.channel = None
-        self.prefetch = prefetch
-        self.declared = set()
-        self._renewing = asyncio.Lock()
+    async def open(self, *queues: str, prefetch: int = 0) -> None:
+        """Take a channel of the shared connection (one given back, or a new
+        one), set its QoS and declare durable ``queues``, within
+        ``connect_timeout``: a broker that is down is an error, not a hang."""
+        owner = self.owner
+        shared = await self._acquire()  # connecting is retried until connect_timeout, then ConnectionFailed
+        self.connection, self.prefetch = shared.connection, prefetch
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(owner.connect_timeout):
                 await self.connection.connected.wait()  # the shared connection may be reconnecting
-                self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+                while shared.idle and self.channel is None:
+                    channel = shared.idle.pop()
+                    self.channel = None if channel.is_closed else channel
+                if self.channel is None:
+                    self.channel = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
+                self.channel.reopen_callbacks.add(self._reopened)
                 if prefetch:
                     await self.channel.set_qos(prefetch_count=prefetch)
-                return [await self.declare(name) for name in queues]
+                for name in queues:
+                    await self.declare(name)
         except BaseException as exc:
             await self.close()
             if isinstance(exc, TimeoutError):
-                raise ConnectionFailed(f"RabbitMQ at {self.where} did not open a channel and declare "
-                                       f"{list(queues)} within {self.connect_timeout}s") from None
-            if isinstance(exc, self.lost + (RuntimeError,)):  # aio-pika: "Connection was not opened"
-                raise ConnectionFailed(f"lost the connection to RabbitMQ at {self.where} while opening a "
-                                       f"channel: {self.cause(exc)}") from None
+                raise ConnectionFailed(f"RabbitMQ at {owner.where} did not open a channel and declare "
+                                       f"{list(queues)} within {owner.connect_timeout}s") from None
+            if isinstance(exc, owner.lost + (RuntimeError,)) and not isinstance(exc, ConnectionFailed):
+                # aio-pika's RuntimeError: "Connection was not opened"
+                raise ConnectionFailed(f"lost the connection to RabbitMQ at {owner.where} while opening a "
+                                       f"channel: {owner.cause(exc)}") from None
             raise
 
-    async def declare(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
+    async def _reopened(self, *_: Any) -> None:
+        if self.on_renew is not None:
+            await self.on_renew()
+
+    async def declare(self, name: str, arguments: dict[str, Any] | None = None) -> None:
+        """Declare the durable queue ``name`` (on aiormq's channel: aio-pika
+        would keep each declaration to redo after a reconnection, and the
+        queues are durable)."""
+        arguments = {**(self.owner.queue_args or {}), **(arguments or {})} or None
         try:
-            queue = await self.channel.declare_queue(name, durable=True,
-                                                     arguments={**(self.queue_args or {}), **(arguments or {})} or None)
+            await (await self.channel.get_underlay_channel()).queue_declare(name, durable=True, arguments=arguments)
         except self.errors.ChannelPreconditionFailed as exc:
             if "'durable'" not in str(exc) and "'auto_delete'" not in str(exc):
-                raise ConfigError(f"queue {name!r} exists on {self.where} with other settings (classic or "
+                raise ConfigError(f"queue {name!r} exists on {self.owner.where} with other settings (classic or "
                                   f"quorum?): use the same queue_type everywhere or delete the queue ({exc})") from None
-            # Declared by the legacy library (not durable, auto-delete): use it as it is, so services
-            # sharing the broker can upgrade one at a time.
+            # Declared by another client (or the legacy library) as not durable: use it as it is, so
+            # services sharing the broker can upgrade one at a time.
             await self._reopen()  # the refused declaration closed the channel
-            queue = await self.channel.declare_queue(name, passive=True)
-            log.warning("queue %r on %s was declared by the legacy streamtools: it is not durable, so its "
-                        "messages are lost if the broker restarts, and it may be auto-deleted. It is used as it "
-                        "is; to migrate, once every service is upgraded, stop its consumers, let it empty, delete "
-                        "it, and streamtools declares it durable", name, self.where)
-        self.declared.add(name)
-        return queue
+            await (await self.channel.get_underlay_channel()).queue_declare(name, passive=True)
+            log.warning("queue %r on %s was declared by another client (or the legacy streamtools) as not "
+                        "durable: its messages are lost if the broker restarts, and it may be auto-deleted. "
+                        "It is used as it is; to make it durable, stop its consumers, let it empty and delete "
+                        "it, and streamtools declares it durable", name, self.owner.where)
+        self.declared[name] = time.monotonic()
 
     async def _reopen(self) -> None:
         fresh = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         if self.prefetch:
             await fresh.set_qos(prefetch_count=self.prefetch)
         old, self.channel = self.channel, fresh
+        old.reopen_callbacks.discard(self._reopened)
+        fresh.reopen_callbacks.add(self._reopened)
         # Publishes still waiting for a confirm on the old channel fail with it and are retried.
-        await _closing(f"closing a channel to {self.where}", old.close())
+        await _closing(f"closing a channel to {self.owner.where}", old.close())
 
     async def renew(self, channel: Any) -> None:
         """Replace ``channel`` by a fresh one, unless another send did already.
         After a failover, RabbitMQ may nack every publish on a channel for as
         long as a quorum queue elects its leader, while a fresh one is acked."""
-        assert self._renewing is not None
         async with self._renewing:
             if self.channel is not channel or self.connection is None:
                 return
             try:
-                async with asyncio.timeout(self.connect_timeout):
+                async with asyncio.timeout(self.owner.connect_timeout):
                     await self._reopen()
             except Exception as exc:  # the retry goes on on the old channel, or after a reconnection
-                log.debug("could not open a fresh channel to %s: %r", self.where, exc)
+                log.debug("could not open a fresh channel to %s: %r", self.owner.where, exc)
                 return
-            if self.on_renew is not None:
-                await self.on_renew()
+            await self._reopened()
 
     def blocked(self) -> str | None:
         """The reason RabbitMQ gave for blocking this link's connection, if it did."""
@@ -2335,24 +2892,29 @@ class _AMQPLink:
         return _blocked.reasons.get(connection) if connection is not None else None
 
     async def close(self) -> None:
-        if self.channel is not None:
-            channel, self.channel = self.channel, None
-            await _closing(f"closing a channel to {self.where}", channel.close())
+        """Give the channel back to the shared connection and leave it."""
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.reopen_callbacks.discard(self._reopened)
+            shared = self._shared()
+            if shared.connection is self.connection and not channel.is_closed:
+                shared.idle.append(channel)
+            else:
+                await _closing(f"closing a channel to {self.owner.where}", channel.close())
         if self.connection is not None:
             self.connection = None
             await self._release()
 
     async def delete(self, *queues: str) -> None:
-        """Delete ``queues`` on a channel of their own."""
-        connection = await self._acquire()
+        """Delete ``queues``."""
+        await self.open()
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                channel = await connection.channel()
+            async with asyncio.timeout(self.owner.connect_timeout):
+                underlay = await self.channel.get_underlay_channel()
                 for name in queues:
-                    await channel.queue_delete(name)
-                await channel.close()
+                    await underlay.queue_delete(name)
         finally:
-            await self._release()
+            await self.close()
 
     # Publishing.
 
@@ -2370,87 +2932,75 @@ class _AMQPLink:
             correlation_id=message.correlation_id, reply_to=message.reply_to, delivery_mode=2,
             expiration=None if expiration is None else str(int(expiration * 1000)))
 
+    async def delay_queue(self, queue: str, ms: int) -> str:
+        """The queue in which a message for ``queue`` waits ``ms`` milliseconds
+        (declared when first needed, and again before it could expire unused)."""
+        name = f"{queue}.delay.{ms}"
+        declared = self.declared.get(name)
+        if declared is None or time.monotonic() - declared > (ms / 1000 + 60) / 2:
+            # Every message waits as long (the queue's TTL), then goes to ``queue``; the queue
+            # deletes itself once unused for longer than any message stays in it.
+            await self.declare(name, {"x-message-ttl": ms, "x-expires": 2 * ms + 60_000, **self.owner.dead_end(queue)})
+        return name
+
     async def publish(self, message: Message, routing_key: str, timeout: float | None = None,
                       mandatory: bool = True, expiration: float | None = None) -> None:
         """Publish to ``routing_key`` and wait for the broker's confirm. A
         lost connection and a nack are retried until the send timeout: the
         message is either confirmed or an error is raised, never dropped."""
-        timeout = self.send_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        errors = self.errors
+        owner, errors = self.owner, self.errors
+        timeout = owner.send_timeout if timeout is None else timeout
         properties = self.properties(message, expiration)
         body = message.data
         nacked: list[str] = []  # the broker's refusals: what a send that times out says
-        try:
+
+        async def publish(confirm_within: float | None = None) -> None:
+            channel = self.channel
             try:
-                if self.connection.connected.is_set():  # the hot path, one await deep
-                    channel = self.channel
-                    await (await channel.get_underlay_channel()).basic_publish(
-                        body, routing_key=routing_key, properties=properties, mandatory=mandatory, timeout=timeout)
-                    return
+                await (await channel.get_underlay_channel()).basic_publish(
+                    body, routing_key=routing_key, properties=properties, mandatory=mandatory,
+                    timeout=confirm_within)
             except errors.PublishError:
-                raise
+                raise Unroutable(f"RabbitMQ at {owner.where} has no queue {routing_key!r} for the message") from None
             except errors.DeliveryError as exc:
-                nacked.append(self.cause(exc))
+                nacked.append(owner.cause(exc))
                 log.warning("RabbitMQ at %s refused a message to %r (%s); retrying on a fresh channel",
-                            self.where, routing_key, nacked[-1])
+                            owner.where, routing_key, nacked[-1])
                 await self.renew(channel)
-            except self.no_retry:
-                raise
-            except self.lost as exc:
-                log.warning("publishing to %r on %s failed (%r); retrying as the connection comes back",
-                            routing_key, self.where, exc)
+                raise _Nacked(nacked[-1]) from None
             except asyncio.CancelledError:
                 if _cancelling():
                     raise
                 # aiormq ends the publishes of a connection it closed (a dead link found by the
                 # heartbeat) with CancelledError: that is a lost connection, not our cancellation.
-                log.warning("publishing to %r on %s was cut with its connection; retrying as it comes back",
-                            routing_key, self.where)
-            await self._publish_reconnecting(body, properties, routing_key, mandatory, deadline, nacked)
-        except errors.PublishError:
-            raise Unroutable(f"RabbitMQ at {self.where} has no queue {routing_key!r} for the message") from None
-        except TimeoutError:
+                raise ConnectionError("the connection was closed under the publish") from None
+
+        def late(waited: float) -> str:
             if nacked:
-                raise SendError(f"RabbitMQ at {self.where} refused the message to {routing_key!r} on every try "
-                                f"for {timeout}s: {nacked[-1]}") from None
+                return f"RabbitMQ at {owner.where} refused the message to {routing_key!r} on every try " \
+                       f"for {waited}s: {nacked[-1]}"
             blocked = self.blocked()
-            raise SendError(f"RabbitMQ at {self.where} did not confirm the message to {routing_key!r} within "
-                            f"{timeout}s" + (f": it blocks publishing ({blocked})" if blocked else "")) from None
-        except self.lost + (errors.AMQPError,) as exc:
-            raise SendError(f"lost the connection to RabbitMQ at {self.where} while sending to "
-                            f"{routing_key!r}: {self.cause(exc)}") from None
-
-    async def _publish_reconnecting(self, body: bytes, properties: Any, routing_key: str, mandatory: bool,
-                                    deadline: float, nacked: list[str]) -> None:
-        errors = self.errors
-
-        async def publish() -> None:
-            # The robust channel waits for a reconnection with no limit: bound it.
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                channel = self.channel
-                try:
-                    await (await channel.get_underlay_channel()).basic_publish(
-                        body, routing_key=routing_key, properties=properties, mandatory=mandatory)
-                except errors.PublishError:
-                    raise
-                except errors.DeliveryError as exc:
-                    nacked.append(self.cause(exc))
-                    await self.renew(channel)
-                    raise _Nacked(nacked[-1]) from None
-                except asyncio.CancelledError:
-                    if _cancelling():
-                        raise
-                    raise ConnectionError("the connection was closed under the publish") from None
+            return f"RabbitMQ at {owner.where} did not confirm the message to {routing_key!r} within " \
+                   f"{waited}s" + (f": it blocks publishing ({blocked})" if blocked else "")
 
         try:
-            await _retry(publish, what=f"publishing to {routing_key!r} on {self.where}",
-                         retry_on=self.lost + (_Nacked,), fatal=self.no_retry, deadline=deadline, base=0.1, cap=2.0)
-        except _Nacked:
-            raise TimeoutError from None  # refused until the deadline
+            if self.connection.connected.is_set():  # the hot path: one try, without the retry's coroutines
+                await publish(timeout)
+                return
+            failed: BaseException = ConnectionError("the connection is down")
+        except TimeoutError:
+            raise SendError(late(timeout)) from None
+        except _Nacked as exc:
+            failed = exc
+        except owner.lost as exc:
+            failed = exc
+            log.warning("publishing to %r on %s failed (%s); retrying as the connection comes back",
+                        routing_key, owner.where, owner.cause(exc))
+        await owner.sending(f"the message to {routing_key!r}", publish, timeout, failed=failed,
+                            retry_on=(_Nacked,), late=late)
 
 
-class _RabbitMQEndpoint(_Endpoint):
+class _RabbitMQEndpoint(BrokerEndpoint):
     """The connection options of both RabbitMQ sides.
 
     :param url: ``amqp://`` or ``amqps://`` URL, or a list of them (the nodes
@@ -2460,27 +3010,58 @@ class _RabbitMQEndpoint(_Endpoint):
         ``host:port``, comma-separated), ``RMQ_PORT``, ``RMQ_USER``,
         ``RMQ_PASS``, ``RMQ_VHOST``).
     :param queue_type: ``"classic"`` or ``"quorum"`` (replicated, for clusters).
-    :param connect_timeout: how long the first connection is retried.
     :param reconnect_interval: pause between reconnection attempts.
-    :param send_timeout: how long a send waits for a confirm, reconnecting.
     :param heartbeat: seconds between AMQP heartbeats (default 9: a dead link is
         noticed within 30 s); a ``heartbeat=`` in the URL wins.
+    Takes ``connect_timeout`` and ``send_timeout`` (see :class:`BrokerEndpoint`).
     """
 
     client = ("aio_pika", "aio-pika")
     address_option = "url"
+    broker = "RabbitMQ"
+    lost_errors = ("builtins.OSError", "aiormq.exceptions.AMQPConnectionError",
+                   "aiormq.exceptions.ChannelInvalidStateError", "aiormq.exceptions.ChannelClosed")
+    refused_errors = ("aiormq.exceptions.AuthenticationError", "aiormq.exceptions.ProbableAuthenticationError",
+                      "aiormq.exceptions.ConnectionNotAllowed", "aiormq.exceptions.ProtocolSyntaxError")
+    client_errors = ("aiormq.exceptions.AMQPError",)
 
-    def _setup(self, url: str | Sequence[str] | None = None, host: str | None = None, port: int | str | None = None,
-               user: str | None = None, password: str | None = None, vhost: str | None = None,
-               queue_type: str = "classic", connect_timeout: float = 30.0, reconnect_interval: float = 1.0,
-               send_timeout: float = 30.0, heartbeat: float = 9) -> None:
-        self._link = _AMQPLink(self, url, host, port, user, password, vhost, queue_type,
-                               connect_timeout, reconnect_interval, send_timeout, heartbeat)
+    def configure(self, url: str | Sequence[str] | None = None, host: str | None = None,
+                  port: int | str | None = None, user: str | None = None, password: str | None = None,
+                  vhost: str | None = None, queue_type: str = "classic", reconnect_interval: float = 1.0,
+                  heartbeat: float = 9, **options: Any) -> None:
+        super().configure(**options)
+        self.aio_pika = self.client_module()
+        self.aiormq = importlib.import_module("aiormq")  # aio-pika's own dependency
+        logging.getLogger("aiormq").addHandler(_quiet)
+        for name in ("aiormq.connection", "aio_pika.robust_connection", "aio_pika.connection"):
+            logging.getLogger(name).addFilter(_blocked)  # idempotent: the same filter object
+        # aiormq gives up on a silent link after (heartbeat + 1) * 3 seconds: the default 60
+        # leaves a blackholed connection unnoticed for 3 minutes; 9 notices it within 30 s.
+        beat = _number("heartbeat", heartbeat, int, 0)
+        address = _rmq_address(url, host, port, user, password, vhost)
+        self.address = address._replace(urls=[u if "heartbeat=" in u else f"{u}{'&' if '?' in u else '?'}"
+                                                                            f"heartbeat={beat}" for u in address.urls])
+        self.url = self.address.urls[0]
+        if queue_type not in ("classic", "quorum"):
+            raise ConfigError(f"queue_type must be 'classic' or 'quorum', got {queue_type!r}")
+        self.queue_args = {"x-queue-type": queue_type} if queue_type == "quorum" else None
+        self.reconnect_interval = _number("reconnect_interval", reconnect_interval)
+        self._link = _AMQPLink(self, "publish")
 
-    @property
-    def where(self) -> str:
-        """``host:port`` of the broker, for messages (never the credentials)."""
-        return self._link.where
+    def refusal(self, exc: BaseException) -> str:
+        """What a refused connection's error says to fix."""
+        user = urllib.parse.unquote(urllib.parse.urlsplit(self.url).username or "")
+        if isinstance(exc, self.aiormq.exceptions.ProtocolSyntaxError):  # the broker closed the handshake
+            return f"RabbitMQ at {self.where} refused vhost {_vhost(self.url)!r} for user {user!r}: it does not " \
+                   "exist or the user may not use it; check RMQ_VHOST (or RMQ_URL)"
+        return f"RabbitMQ at {self.where} refused user {user!r}: check RMQ_USER, RMQ_PASS and RMQ_VHOST (or RMQ_URL)"
+
+    def dead_end(self, queue: str) -> dict[str, Any]:
+        """The arguments of a delay queue that hands its expired messages to ``queue``."""
+        arguments: dict[str, Any] = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}
+        if self.queue_args:  # quorum: dead-lettering is confirmed, never dropped
+            arguments.update({"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
+        return arguments
 
     def add_agent_uuid(self, **keys: str) -> None:
         """Legacy: the queue name gets the first five characters of the
@@ -2492,7 +3073,7 @@ class _RabbitMQEndpoint(_Endpoint):
                 raise ConfigError(f"add_agent_uuid() renames queue {self.queue_name!r}: call it before a_init()")
             self.queue_name = f"{self.queue_name}-{key[:5]}"
 
-    async def _disconnect(self) -> None:
+    async def disconnect(self) -> None:
         await self._link.close()
 
 
@@ -2500,38 +3081,59 @@ class RabbitMQProducer(_RabbitMQEndpoint, Producer):
     """Sends persistent messages to a durable RabbitMQ queue, with publisher
     confirms and mandatory routing; ``send`` returns once the broker
     confirmed. Requests use direct reply-to and expire with their timeout.
-    Options: see :class:`_RabbitMQEndpoint`."""
+    ``send(delay=)`` waits in a delay queue. Options: see :class:`_RabbitMQEndpoint`."""
 
-    async def _connect(self) -> None:
+    delays = True
+
+    async def connect(self) -> None:
         self._replies_ready = None
+        self._reply_tag: str | None = None
         await self._link.open(self.queue_name)
 
-    async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
+    async def disconnect(self) -> None:
+        if self._reply_tag is not None:  # the channel is taken again: its reply consumer must go
+            tag, self._reply_tag, self._link.on_renew = self._reply_tag, None, None
+
+            async def cancel() -> None:
+                await (await self._link.channel.get_underlay_channel()).basic_cancel(tag)
+
+            await _closing("cancelling the reply consumer", cancel())
+        await self._link.close()
+
+    async def publish(self, message: Message, timeout: float | None, delay: float | None = None,
+                      **flags: Any) -> None:
         expiration = None
         if message.reply_to is not None and timeout is not None:
             expiration = timeout  # a request nobody answered in time costs no work later
-        await self._link.publish(message, self.queue_name, timeout, expiration=expiration)
+        queue = self.queue_name
+        if delay:
+            ms = _delay_ms(delay)
+            if ms > _RMQ_MAX_DELAY_MS:
+                raise ConfigError(f"RabbitMQ holds a message for at most {_RMQ_MAX_DELAY_MS // 1000}s, "
+                                  f"got delay={delay}")
+            queue = await self._link.delay_queue(queue, ms)
+        await self._link.publish(message, queue, timeout, expiration=expiration)
 
-    async def _listen_for_replies(self) -> str:
-        # Direct reply-to: consume the pseudo-queue on the publishing channel (again on a fresh one).
+    async def listen_for_replies(self) -> str:
+        # Direct reply-to: consumed on the publishing channel (again on a fresh or reopened one).
         try:
-            queue = await self._link.channel.declare_queue(_REPLY_TO, passive=True)
-            await queue.consume(self._on_amqp_reply, no_ack=True)
-        except self._link.lost + (self._link.errors.AMQPError,) as exc:
-            raise SendError(f"cannot listen for replies on RabbitMQ at {self.where}: "
-                            f"{self._link.cause(exc)}") from None
+            underlay = await self._link.channel.get_underlay_channel()
+            self._reply_tag = (await underlay.basic_consume(_REPLY_TO, self._on_amqp_reply, no_ack=True)).consumer_tag
+        except self.lost + self.failures as exc:
+            raise SendError(f"cannot listen for replies on RabbitMQ at {self.where}: {self.cause(exc)}") from None
         self._link.on_renew = self._relisten
         return _REPLY_TO
 
     async def _relisten(self) -> None:
         try:
-            await self._listen_for_replies()
+            await self.listen_for_replies()
         except SendError as exc:  # requests sent from now on time out; their senders are told so
             log.warning("%s", exc)
 
-    async def _on_amqp_reply(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
-        self._on_reply(incoming.correlation_id, incoming.body, incoming.content_type or "",
-                       _amqp_headers(incoming))
+    async def _on_amqp_reply(self, delivered: Any) -> None:
+        properties = delivered.header.properties
+        self.deliver_reply(Message(data=delivered.body, content_type=properties.content_type or "",
+                                   headers=_amqp_headers(properties), correlation_id=properties.correlation_id))
 
 
 _ACK, _SETTLED = True, False
@@ -2564,8 +3166,8 @@ class _Acks:
             await self.channel.basic_ack(tag, wait=False)
 
 
-def _amqp_headers(incoming: Any) -> dict[str, Any]:
-    headers = dict(incoming.headers or {})
+def _amqp_headers(properties: Any) -> dict[str, Any]:
+    headers = dict(properties.headers or {})
     floats = headers.pop(_FLOAT_HEADERS, None)
     if floats:
         for key in str(floats).split(","):
@@ -2576,7 +3178,7 @@ def _amqp_headers(incoming: Any) -> dict[str, Any]:
     return headers
 
 
-class RabbitMQConsumer(_RabbitMQEndpoint, Consumer):
+class RabbitMQConsumer(_RabbitMQEndpoint, BrokeredConsumer):
     """Consumes a durable RabbitMQ queue with QoS ``prefetch``, acknowledging
     each message after its handler returned. Takes the connection options of
     :class:`RabbitMQProducer` and the delivery options of :class:`Consumer`.
@@ -2589,13 +3191,16 @@ class RabbitMQConsumer(_RabbitMQEndpoint, Consumer):
     back to the queue when it expires: its prefetch slot is free meanwhile, and
     the attempt count travels in the ``x-st-attempt`` header."""
 
-    async def _connect(self) -> None:
+    async def connect(self) -> None:
         self._consumer_tag: str | None = None
+        self._consuming = False
         self._acks: _Acks | None = None
-        self._link.role = "consume"
-        self._out = self._link.sibling("publish")
+        self._link = _AMQPLink(self, "consume")
+        self._out = _AMQPLink(self, "publish")
         self._out_lock = asyncio.Lock()
-        self._queue, = await self._link.open(self.queue_name, prefetch=self.prefetch)
+        self._ours = (f"{self.queue_name}.retry.", f"{self.queue_name}.delay.")
+        self._link.on_renew = self._consume
+        await self._link.open(self.queue_name, prefetch=self.prefetch)
 
     async def _publisher(self) -> _AMQPLink:
         """The link to publish on, opened when first needed."""
@@ -2605,28 +3210,38 @@ class RabbitMQConsumer(_RabbitMQEndpoint, Consumer):
                     await self._out.open()
         return self._out
 
-    async def _disconnect(self) -> None:
+    async def disconnect(self) -> None:
+        acks, self._acks = self._acks, None
+        if acks is not None and self._link.channel is not None:
+            async def hand_back() -> None:  # what was delivered and not settled, before the channel is taken again
+                await acks.flush()
+                for tag in [tag for tag in acks.pending if tag not in acks.settled]:
+                    await acks.channel.basic_nack(tag, requeue=True, wait=False)
+
+            await _closing(f"handing back the unsettled messages of {self.queue_name!r}", hand_back())
         await self._out.close()
         await self._link.close()
 
-    async def _start_intake(self) -> None:
+    async def start_intake(self) -> None:
+        self._consuming = True
+        await self._consume()
+
+    async def _consume(self) -> None:
         # Consumed on aiormq's channel under aio-pika's robust one, which reopens it after a
         # reconnection (and then this consumes again): aio-pika's own consume costs a second
         # task and an IncomingMessage per delivery, about a fifth of the time per message.
-        self._link.channel.reopen_callbacks.add(self._consume)
-        await self._consume()
-
-    async def _consume(self, *_: Any) -> None:
+        if not self._consuming:
+            return  # not started yet, or stopped: start_intake consumes
         underlay = await self._link.channel.get_underlay_channel()
         self._acks = _Acks(underlay)
         self._consumer_tag = (await underlay.basic_consume(self.queue_name, self._on_message)).consumer_tag
 
-    def _connected(self) -> bool:
+    def connected(self) -> bool:
         connection = self._link.connection
         return connection is not None and connection.connected.is_set()
 
-    async def _stop_intake(self) -> None:
-        self._link.channel.reopen_callbacks.discard(self._consume)
+    async def stop_intake(self) -> None:
+        self._consuming = False
         if self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
 
@@ -2641,14 +3256,14 @@ class RabbitMQConsumer(_RabbitMQEndpoint, Consumer):
         if acks is not None and delivered.channel is acks.channel:
             acks.pending.append(delivered.delivery.delivery_tag)
         if self._stopping:
-            return  # left unacknowledged: the broker gets it back when the channel closes
+            return  # unsettled: handed back at disconnect, or by the broker when the channel closes
         properties = delivered.header.properties
         attempt = 1
         if properties.headers:
             headers = _amqp_headers(properties)
             retried = headers.pop(_ATTEMPT, None)
-            if isinstance(retried, int):  # back from a delay queue, which added its x-death record
-                attempt = retried
+            if retried is not None or str(headers.get("x-first-death-queue", "")).startswith(self._ours):
+                attempt = retried if isinstance(retried, int) else 1  # back from a delay queue of ours
                 for key in _DEATH_HEADERS:
                     headers.pop(key, None)
             count = headers.get("x-delivery-count")  # quorum queues count redeliveries
@@ -2656,13 +3271,13 @@ class RabbitMQConsumer(_RabbitMQEndpoint, Consumer):
                 attempt += count
         else:
             headers = {}
-        await self._deliver(Message(
+        await self.deliver(Message(
             data=delivered.body, content_type=properties.content_type or "", headers=headers,
             id=properties.message_id or "", queue=self.queue_name, correlation_id=properties.correlation_id,
-            reply_to=properties.reply_to, attempt=attempt, redelivered=bool(delivered.delivery.redelivered),
-            raw=delivered))
+            reply_to=properties.reply_to, attempt=attempt,
+            redelivered=bool(delivered.delivery.redelivered), raw=delivered))
 
-    async def _ack(self, message: Message) -> None:
+    async def ack(self, message: Message) -> None:
         delivered = message.raw
         acks = self._acks
         tag = delivered.delivery.delivery_tag
@@ -2683,7 +3298,7 @@ class RabbitMQConsumer(_RabbitMQEndpoint, Consumer):
             log.warning("could not acknowledge message %s of %r (%r); the broker will redeliver it",
                         message.id, self.queue_name, exc)
 
-    async def _requeue(self, message: Message) -> None:
+    async def requeue(self, message: Message) -> None:
         delivered = message.raw
         try:
             await delivered.channel.basic_nack(delivered.delivery.delivery_tag, requeue=True, wait=False)
@@ -2693,7 +3308,7 @@ class RabbitMQConsumer(_RabbitMQEndpoint, Consumer):
         if acks is not None and delivered.channel is acks.channel:
             acks.settled[delivered.delivery.delivery_tag] = _SETTLED
 
-    async def _retry_later(self, message: Message, delay: float) -> bool:
+    async def retry_later(self, message: Message, delay: float) -> bool:
         name = f"{self.queue_name}.retry.{message.attempt}"
         headers = {**message.headers, _ATTEMPT: message.attempt + 1}
         headers.pop("x-delivery-count", None)
@@ -2704,38 +3319,31 @@ class RabbitMQConsumer(_RabbitMQEndpoint, Consumer):
             if name not in out.declared:
                 # A queue per attempt: its messages all wait about as long, so one expiring at the head
                 # never holds back a shorter wait behind it; a wait ends in the consumer's queue.
-                arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": self.queue_name}
-                if out.queue_args:  # quorum: dead-lettering is confirmed, never dropped
-                    arguments.update({"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
-                await out.declare(name, arguments)
+                await out.declare(name, self.dead_end(self.queue_name))
             await out.publish(again, name, expiration=delay)
         except Exception as exc:
             log.warning("could not hand message %s of %r to the broker for its retry (%r); it waits here",
                         message.id, self.queue_name, exc)
             return False
-        await self._ack(message)
+        await self.ack(message)
         return True
 
-    async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
+    async def send_to(self, queue: str, message: Message) -> None:
         out = await self._publisher()
-        if self.dead_letter_queue not in out.declared:  # declared when first needed
-            await out.declare(self.dead_letter_queue)
-        dead = Message(data=message.data, content_type=message.content_type, headers=headers, id=message.id,
-                       correlation_id=message.correlation_id)
-        await out.publish(dead, self.dead_letter_queue)
+        if queue not in out.declared:  # declared when first needed
+            await out.declare(queue)
+        await out.publish(message, queue)
 
-    async def _reply(self, message: Message, result: Any, error: str | None) -> None:
-        data, content_type, headers = _reply_payload(result, error)
-        reply = Message(data=data, content_type=content_type, headers=headers, id=_new_id(),
-                        correlation_id=message.correlation_id)
+    async def send_reply(self, address: str, reply: Message) -> None:
         # Not mandatory: a requester that gave up has no reply queue any more.
-        await (await self._publisher()).publish(reply, message.reply_to or "", mandatory=False)
+        await (await self._publisher()).publish(reply, address, mandatory=False)
 
     async def delete_queues(self) -> None:
-        """Delete this consumer's queue, its dead-letter queue and its delay
-        queues on the broker."""
-        await self._link.delete(self.queue_name, self.dead_letter_queue,
-                                *(f"{self.queue_name}.retry.{n}" for n in range(1, self.max_retries + 1)))
+        """Delete this consumer's queue, its dead-letter queue and its retry
+        queues on the broker (delay queues delete themselves once unused)."""
+        link = _AMQPLink(self, "publish")
+        await link.delete(self.queue_name, self.dead_letter_queue,
+                          *(f"{self.queue_name}.retry.{n}" for n in range(1, self.max_retries + 1)))
 
 
 ###############################################################################
@@ -2761,6 +3369,30 @@ class _RetryableStatus(Exception):
     def __init__(self, status: int, body: bytes) -> None:
         self.status = status
         self.body = body
+
+
+#: An HTTP message's envelope: its headers, typed as on every transport (a value that is not a
+#: string travels as JSON, named in X-St-Json); Content-Type, X-Message-Id and X-Correlation-Id.
+_HTTP_ENVELOPE = _Envelope("Content-Type", "X-Message-Id", "X-Correlation-Id", "X-Reply-To")
+#: Request headers that are HTTP's own (and the transport's), never a message's: as aiohttp
+#: spells them, then in lower case for other clients; X-Forwarded-* and Proxy-* too.
+_HTTP_PLUMBING = frozenset({
+    "Host", "User-Agent", "Accept", "Accept-Encoding", "Content-Length", "Content-Type", "Connection",
+    "Authorization", "X-Attempt"})
+_HTTP_PLUMBING_LOWER = frozenset({
+    "host", "user-agent", "accept", "accept-encoding", "accept-language", "accept-charset", "content-length",
+    "content-encoding", "transfer-encoding", "connection", "keep-alive", "te", "trailer", "upgrade", "expect",
+    "authorization", "cookie", "via", "forwarded", "origin", "referer", "cache-control", "pragma", "x-attempt",
+    "x-real-ip"})
+#: The response header of a 500 that a handler's failure caused (its error is in the JSON body).
+_HANDLER_FAILED = "X-St-Handler-Error"
+
+
+def _http_plumbing(key: str) -> bool:
+    if key in _HTTP_PLUMBING:
+        return True
+    lower = key.lower()
+    return lower in _HTTP_PLUMBING_LOWER or lower.startswith(("x-forwarded-", "proxy-", "sec-"))
 
 
 def _excerpt(body: bytes, limit: int = 200) -> str:
@@ -2801,10 +3433,10 @@ class HTTPProducer(Producer):
             content_type = JSON  # legacy services sent json.dumps(obj): it goes as the JSON it is
         return super()._message(msg, headers_tag, header_tag, content_type, headers, message_id)
 
-    def _setup(self, host: str | None = None, endpoint: str | None = None, retries: int = 3,
+    def configure(self, host: str | None = None, endpoint: str | None = None, retries: int = 3,
                retry_backoff: float = 0.1, timeout: float = 30.0, auth_token: str | None = None,
                ssl_context: ssl.SSLContext | None = None, pool_size: int = 100) -> None:
-        self._client()
+        self.client_module()
         self.endpoint = endpoint or f"{_http_host_url(host, ssl_context)}/{self.queue_name}"
         if urllib.parse.urlsplit(self.endpoint).scheme not in ("http", "https"):
             raise ConfigError(f"an HTTP endpoint starts with http:// or https://, got {_redact(self.endpoint)!r}")
@@ -2817,8 +3449,8 @@ class HTTPProducer(Producer):
         self._ssl = ssl_context
         self._shown_endpoint = _redact(self.endpoint)  # for messages, computed once
 
-    async def _connect(self) -> None:
-        aiohttp = self._client()
+    async def connect(self) -> None:
+        aiohttp = self.client_module()
         self._aiohttp = aiohttp
         self._default_timeout = aiohttp.ClientTimeout(total=self.timeout)  # made once, not per request
         self._retryable = (aiohttp.ClientConnectionError, _RetryableStatus)
@@ -2826,7 +3458,7 @@ class HTTPProducer(Producer):
             timeout=self._default_timeout,
             connector=aiohttp.TCPConnector(limit=self.pool_size, ssl=self._ssl if self._ssl else True))
 
-    async def _disconnect(self) -> None:
+    async def disconnect(self) -> None:
         await self._session.close()
 
     def _shown(self, endpoint: str | None) -> str:
@@ -2836,30 +3468,32 @@ class HTTPProducer(Producer):
     async def _request(self, message: Message, timeout: float, **flags: Any) -> Any:
         try:
             async with asyncio.timeout(timeout):  # retries included: the caller's deadline is the whole exchange
-                return await self._publish(message, timeout, **flags)
+                return await self.publish(message, timeout, **flags)
         except (TimeoutError, _NoAnswer):
             raise RequestTimeout(f"no answer from {self._shown(flags.get('endpoint'))} within {timeout}s") from None
 
-    async def _publish(self, message: Message, timeout: float | None, method: str = "POST",
+    async def publish(self, message: Message, timeout: float | None, method: str = "POST",
                        endpoint: str | None = None, **flags: Any) -> Any:
         # The common case (a POST of a message without headers) builds one dict literal and calls no
         # helper: on this path each step measured about 1% of a request, far more than on its own.
         if method != "POST":
             method = method.upper()
-        headers = {"X-Message-Id": message.id, "X-Attempt": "1"}
-        if message.headers:  # the message's own first: the envelope's win
-            headers = {**{k: v if isinstance(v, str) else str(v) for k, v in message.headers.items()
-                          if k != _EXPIRES}, **headers}
+        if message.headers or message.correlation_id:
+            if _EXPIRES in message.headers:  # a request expires with its connection here
+                message.headers = {k: v for k, v in message.headers.items() if k != _EXPIRES}
+            headers = _HTTP_ENVELOPE.pairs(message)
+            headers["X-Attempt"] = "1"
+        else:
+            headers = {"X-Message-Id": message.id, "X-Attempt": "1"}
         if self._auth:
             headers.update(self._auth)
-        if message.correlation_id:
-            headers["X-Correlation-Id"] = message.correlation_id
         if method in _BODYLESS:
             if not isinstance(message.body, (Mapping, type(None))):
                 raise EncodeError(f"{method} sends the message as query parameters: pass a dict, "
                                   f"got {type(message.body).__name__}")
             params = {k: v if isinstance(v, str) else _json_encode(v) for k, v in (message.body or {}).items()}
             data = None
+            headers.pop("Content-Type", None)
         else:
             headers["Content-Type"] = message.content_type
             params, data = None, message.data
@@ -2874,10 +3508,26 @@ class HTTPProducer(Producer):
         except self._retryable as exc:
             status, body, ctype = await self._retried(exc, request, endpoint, timeout)
         if not 200 <= status < 300:
-            raise HTTPError(status, _excerpt(body), self._shown(endpoint))
+            raise self._refusal(status, body, ctype, endpoint)
         if status == 202 or not body:
             return None
-        return decode(body, ctype)
+        try:
+            return decode(body, ctype)
+        except DecodeError as exc:  # the consumer took the message: sending it again would duplicate it
+            log.warning("the answer of %s to message %s does not decode (%s); returning its bytes",
+                        self._shown(endpoint), message.id, exc)
+            return body
+
+    def _refusal(self, status: int, body: bytes, content_type: str, endpoint: str | None) -> HTTPError:
+        """The error of a non-2xx answer: :class:`HTTPRemoteError` where the handler failed."""
+        if status == 500 and content_type.startswith(JSON):
+            try:
+                error = _json_decode(body).get(_HANDLER_FAILED)
+            except (ValueError, AttributeError):
+                error = None
+            if isinstance(error, str):
+                return HTTPRemoteError(error, _excerpt(body), self._shown(endpoint))
+        return HTTPError(status, _excerpt(body), self._shown(endpoint))
 
     async def _exchange(self, method: str, url: str, data: bytes | None, params: dict[str, str] | None,
                         headers: dict[str, str], timeout: Any) -> tuple[int, bytes, str]:
@@ -3118,9 +3768,9 @@ class HTTPConsumer(Consumer):
         return "" if queue_name in ("", "/") else _check_queue_name(
             queue_name.strip("/") if isinstance(queue_name, str) else queue_name)
 
-    def _setup(self, host: str | None = None, port: int | None = None, max_body: int = _DEFAULT_MAX_BODY,
+    def configure(self, host: str | None = None, port: int | None = None, max_body: int = _DEFAULT_MAX_BODY,
                auth_token: str | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
-        self._client()
+        self.client_module()
         if any(c in self.queue_name for c in "/?#{}%"):
             raise ConfigError(f"an HTTP queue name is one path segment without / ? # {{ }} %, "
                               f"got {self.queue_name!r}")
@@ -3161,19 +3811,19 @@ class HTTPConsumer(Consumer):
             raise ConfigError(f"HTTP consumer {self.queue_name!r} is not serving on a port of its own")
         return self._server.url(self.queue_name)
 
-    def _producer_options(self) -> dict[str, Any]:
+    def producer_options(self) -> dict[str, Any]:
         return {"endpoint": self.url, "ssl_context": self.ssl_context}
 
-    async def _connect(self) -> None:
+    async def connect(self) -> None:
         global _RESPONSE
-        self._web = self._client("aiohttp.web")
+        self._web = self.client_module("aiohttp.web")
         if isinstance(_RESPONSE, str) and hasattr(self._web, "RequestKey"):  # aiohttp >= 3.12 wants typed keys
             _RESPONSE = self._web.RequestKey(_RESPONSE, self._web.StreamResponse)
 
-    async def _disconnect(self) -> None:
-        """Nothing to release: the route left the server in ``_stop_intake``."""
+    async def disconnect(self) -> None:
+        """Nothing to release: the route left the server in ``stop_intake``."""
 
-    async def _start_intake(self) -> None:
+    async def start_intake(self) -> None:
         if self._mounted:
             return
         server = await _HTTPServer.acquire(self.host, self.port, self.ssl_context, self.drain_timeout)
@@ -3184,7 +3834,7 @@ class HTTPConsumer(Consumer):
         server.routes[self.queue_name] = self
         self._server = server
 
-    async def _stop_intake(self) -> None:
+    async def stop_intake(self) -> None:
         if self._server is not None:
             server, self._server = self._server, None
             server.routes.pop(self.queue_name, None)
@@ -3220,9 +3870,10 @@ class HTTPConsumer(Consumer):
             except DecodeError as exc:
                 return _json_error(400, str(exc))
         attempt = headers.get("X-Attempt", "1")
-        message = Message(body=body, data=data, content_type=ctype, headers=dict(headers),
-                          id=headers.get("X-Message-Id") or next(_ids), queue=self.queue_name,
-                          correlation_id=headers.get("X-Correlation-Id"), reply_to="",
+        own, _, message_id, correlation_id, _ = _HTTP_ENVELOPE.read(
+            (key, value) for key, value in headers.items() if not _http_plumbing(key))
+        message = Message(body=body, data=data, content_type=ctype, headers=own, id=message_id or next(_ids),
+                          queue=self.queue_name, correlation_id=correlation_id, reply_to="",
                           attempt=1 if attempt == "1" or not attempt.isdigit() else int(attempt), raw=request)
         task = asyncio.current_task()
         assert task is not None
@@ -3232,36 +3883,30 @@ class HTTPConsumer(Consumer):
 
     # Settling a message is writing its response.
 
-    async def _reply(self, message: Message, result: Any, error: str | None) -> None:
+    async def reply(self, message: Message, result: Any, error: str | None) -> None:
         web = self._web
-        if error is not None:
-            response = _json_error(500, "the handler failed; see the consumer's log", **{"X-Message-Id": message.id})
+        if error is not None:  # the requester's RemoteError names it, as on every transport
+            response = web.json_response({"error": "the handler failed", _HANDLER_FAILED: error}, status=500,
+                                         headers={"X-Message-Id": message.id})
         elif isinstance(result, web.StreamResponse):  # legacy handlers answer with their own response
             response = result
         elif result is None:
             response = web.Response(status=202)
         else:
-            try:
-                if type(result) in _JSON_CONTAINERS:  # the common case, without encode()'s calls
-                    data, ctype = _to_json(result), JSON
-                else:
-                    data, ctype = encode(result)
-            except EncodeError as exc:  # the work is done; the caller learns its answer is lost
-                log.error("the handler of %r returned what cannot be sent for message %s: %s",
-                          self.queue_name, message.id, exc)
-                response = _json_error(500, "the handler's return value cannot be encoded; see the consumer's log",
-                                       **{"X-Message-Id": message.id})
+            if type(result) in _JSON_CONTAINERS:  # the common case, without encode()'s calls
+                data, ctype = _to_json(result), JSON
             else:
-                response = web.Response(body=data, headers={"Content-Type": ctype})
+                data, ctype = encode(result)
+            response = web.Response(body=data, headers={"Content-Type": ctype})
         message.raw[_RESPONSE] = response
 
-    async def _ack(self, message: Message) -> None:
+    async def ack(self, message: Message) -> None:
         """Nothing more: the response is the acknowledgement."""
 
-    async def _requeue(self, message: Message) -> None:
+    async def requeue(self, message: Message) -> None:
         """Nothing to hand back: the caller sees its request fail and may retry."""
 
-    async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
+    async def dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
         """No dead-letter queue: the caller gets the 500 and keeps its message."""
 
 
@@ -3269,77 +3914,26 @@ class HTTPConsumer(Consumer):
 # Transports: Kafka ###########################################################
 ###############################################################################
 
-# The envelope travels in record headers (bytes), beside the message's own headers.
-_K_TYPE, _K_ID, _K_CORRELATION, _K_REPLY_TO = "content-type", "message-id", "correlation-id", "reply-to"
-
-#: Topics known to exist, per bootstrap servers, so each is created once per process.
-_kafka_topics: dict[str, set[str]] = {}
-#: Clusters that refused the idempotent producer, so it is tried once per process.
-_kafka_no_idempotence: set[str] = set()
+#: The envelope in record headers (bytes), beside the message's own headers.
+_KAFKA_ENVELOPE = _Envelope("content-type", "message-id", "correlation-id", "reply-to")
 
 
-def _kafka_servers(servers: str | Sequence[str] | None) -> list[str]:
-    """``host:port`` bootstrap servers from the option, else ``KAFKA_BOOTSTRAP_SERVERS``,
-    else the legacy ``KAFKA_HOST``, else ``localhost:9092``; a comma-separated list."""
-    raw = servers or os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or os.environ.get("KAFKA_HOST") or "localhost:9092"
-    items = [item.strip() for item in (raw.split(",") if isinstance(raw, str) else raw) if item.strip()]
-    if not items:
-        raise ConfigError("bootstrap_servers names no Kafka server: give host:port[,host:port...]")
-    for item in items:
-        host, colon, port = item.rpartition(":")
-        if not colon or not host or "/" in item:
-            raise ConfigError(f"a Kafka bootstrap server is host:port, got {item!r}")
-        _port(f"the port of Kafka bootstrap server {item!r}", port, 1)
-    return items
+class _IdempotenceRefused(logging.Filter):
+    """aiokafka logs an ERROR when a broker refuses the idempotent producer
+    (Tansu does); streamtools then produces with ``acks="all"`` only and says so itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Unexpected error during InitProducerIdRequest")
 
 
-_content_type_bytes: dict[str, bytes] = {}
+_idempotence_refused = _IdempotenceRefused()
 
 
-def _kafka_headers(message: Message) -> list[tuple[str, bytes]]:
-    content_type = _content_type_bytes.get(message.content_type)
-    if content_type is None:
-        content_type = message.content_type.encode()
-        if len(_content_type_bytes) < 256:
-            _content_type_bytes[message.content_type] = content_type
-    headers = [(_K_TYPE, content_type), (_K_ID, message.id.encode())]
-    if message.correlation_id:
-        headers.append((_K_CORRELATION, message.correlation_id.encode()))
-    if message.reply_to:
-        headers.append((_K_REPLY_TO, message.reply_to.encode()))
-    if message.headers:
-        headers.extend((key, value.encode()) for key, value in _flat_headers(message.headers).items())
-    return headers
-
-
-def _kafka_envelope(record: Any) -> tuple[dict[str, Any], str, str, str | None, str | None]:
-    """(headers, content type, id, correlation id, reply-to) of a record."""
-    headers: dict[str, Any] = {}
-    content_type, message_id, correlation_id, reply_to = BINARY, "", None, None
-    for key, value in record.headers or ():  # one pass: this runs for every record
-        if key == _K_TYPE:
-            content_type = value.decode()
-        elif key == _K_ID:
-            message_id = value.decode()
-        elif key == _K_CORRELATION:
-            correlation_id = value.decode()
-        elif key == _K_REPLY_TO:
-            reply_to = value.decode()
-        else:
-            headers[key] = value.decode("utf-8", "replace")
-    if _TYPED in headers:
-        headers = _typed_headers(headers)
-    return (headers, content_type, message_id or f"{record.topic}-{record.partition}-{record.offset}",
-            correlation_id, reply_to)
-
-
-class _KafkaEndpoint(_Endpoint):
+class _KafkaEndpoint(BrokerEndpoint):
     """The settings and the producing side both Kafka classes share.
 
     :param bootstrap_servers: ``host:port`` or a list (comma-separated in a
         string); else ``KAFKA_BOOTSTRAP_SERVERS``, else ``KAFKA_HOST``.
-    :param connect_timeout: how long connecting is retried, then ``ConnectionFailed``.
-    :param send_timeout: how long a send waits for the broker's acknowledgement.
     :param partitions: partitions of the topics it creates (a topic per queue).
     :param replication_factor: replicas of the topics it creates (default:
         as many brokers as the cluster has, at most 3).
@@ -3347,23 +3941,29 @@ class _KafkaEndpoint(_Endpoint):
     :param security_protocol: ``PLAINTEXT``, ``SSL``, ``SASL_PLAINTEXT`` or ``SASL_SSL``;
         with ``ssl_context``, ``sasl_mechanism``, ``sasl_plain_username``,
         ``sasl_plain_password`` (never shown in logs or errors), as aiokafka takes them.
+    Takes ``connect_timeout`` and ``send_timeout`` (see :class:`BrokerEndpoint`).
     """
 
     client = ("aiokafka", "aiokafka")
     address_option = "bootstrap_servers"
+    broker = "Kafka"
+    lost_errors = ("aiokafka.errors.KafkaConnectionError", "builtins.OSError")
+    refused_errors = ("aiokafka.errors.AuthenticationFailedError", "aiokafka.errors.SaslAuthenticationFailed")
+    client_errors = ("aiokafka.errors.KafkaError",)
+    refused_hint = "check sasl_plain_username and sasl_plain_password"
 
-    def _setup(self, *, bootstrap_servers: str | Sequence[str] | None = None, connect_timeout: float = 30.0,
-               send_timeout: float = 30.0, partitions: int = 4, replication_factor: int | None = None,
-               max_request_size: int = 1048576, security_protocol: str = "PLAINTEXT",
-               ssl_context: ssl.SSLContext | None = None, sasl_mechanism: str | None = None,
-               sasl_plain_username: str | None = None, sasl_plain_password: str | None = None) -> None:
-        self._aiokafka = self._client()
-        self._errors = self._client("aiokafka.errors")
-        self.bootstrap_servers = _kafka_servers(bootstrap_servers)
-        #: The bootstrap servers, for messages (Kafka puts no credentials in them).
-        self.where = ",".join(self.bootstrap_servers)
-        self.connect_timeout = _number("connect_timeout", connect_timeout)
-        self.send_timeout = _number("send_timeout", send_timeout, float, 0.001)
+    def configure(self, *, bootstrap_servers: str | Sequence[str] | None = None, partitions: int = 4,
+                  replication_factor: int | None = None, max_request_size: int = 1048576,
+                  security_protocol: str = "PLAINTEXT", ssl_context: ssl.SSLContext | None = None,
+                  sasl_mechanism: str | None = None, sasl_plain_username: str | None = None,
+                  sasl_plain_password: str | None = None, **options: Any) -> None:
+        super().configure(**options)
+        self._aiokafka = self.client_module()
+        self._errors = self.client_module("aiokafka.errors")
+        logging.getLogger("aiokafka.producer.sender").addFilter(_idempotence_refused)
+        self.address = _addresses(bootstrap_servers, ("KAFKA_BOOTSTRAP_SERVERS", "KAFKA_HOST"), "localhost:9092",
+                                  "Kafka bootstrap server", ("kafka",), 9092, bare=True)
+        self.bootstrap_servers = [f"{host}:{port}" for host, port in self.address.hosts]
         self.partitions = _number("partitions", partitions, int, 1)
         self.replication_factor = None if replication_factor is None else _number(
             "replication_factor", replication_factor, int, 1)
@@ -3374,96 +3974,86 @@ class _KafkaEndpoint(_Endpoint):
         self._client_options = {"bootstrap_servers": self.bootstrap_servers,
                                 **{k: v for k, v in security.items() if v is not None}}
         self._producer: Any = None
-        self._producer_lock: asyncio.Lock | None = None
+        self._producer_lock = asyncio.Lock()
 
-    async def _start(self, client: Any, what: str, refusals: tuple[type[BaseException], ...] = ()) -> None:
-        """Start an aiokafka client, retrying an unreachable cluster until
-        ``connect_timeout``; then ``ConnectionFailed`` naming the servers.
-        ``refusals`` pass through, for the caller to handle."""
-        for server in self.bootstrap_servers:
-            host, _, port = server.rpartition(":")
-            await _resolve(host.strip("[]"), int(port), f"Kafka bootstrap server {server}")
-        errors = self._errors
+    async def _started(self, client: Any, what: str, passing: _Errors = ()) -> None:
+        """Start an aiokafka client (retried, see :meth:`connecting`);
+        ``passing`` errors reach the caller as they are."""
         try:
-            await _retry(client.start, what=f"starting the Kafka {what} at {self.where}",
-                         retry_on=(errors.KafkaConnectionError,), deadline=time.monotonic() + self.connect_timeout,
-                         base=0.25, cap=5.0)
-        except errors.KafkaError as exc:
+            await self.connecting(client.start)
+        except BaseException as exc:
             stop = getattr(client, "stop", None) or client.close  # the admin client closes instead
-            await _closing(f"stopping a Kafka client of {self.where}", stop())
-            if isinstance(exc, refusals):
-                raise
-            raise ConnectionFailed(f"cannot connect to Kafka at {self.where} within {self.connect_timeout}s: "
-                                   f"{type(exc).__name__}: {exc}") from None
+            await _closing(f"stopping a Kafka {what} of {self.where}", stop())
+            if isinstance(exc, self.failures) and not isinstance(exc, passing):
+                raise ConnectionFailed(f"cannot start the Kafka {what} at {self.where}: {self.cause(exc)}") from None
+            raise
 
-    async def _ensure_topic(self, topic: str, partitions: int | None = None) -> None:
-        known = _kafka_topics.setdefault(self.where, set())
-        if topic in known:
-            return
-        admin_module = self._client("aiokafka.admin")
-        admin = admin_module.AIOKafkaAdminClient(**self._client_options)
-        await self._start(admin, "admin client")
+    async def _admin(self, work: Callable[[Any], Awaitable[_T]]) -> _T:
+        """``work(admin)`` with an admin client of its own."""
+        admin = self.client_module("aiokafka.admin").AIOKafkaAdminClient(**self._client_options)
+        await self._started(admin, "admin client")
         try:
+            return await work(admin)
+        finally:
+            await _closing(f"closing a Kafka admin client of {self.where}", admin.close())
+
+    async def ensure_topic(self, topic: str, partitions: int | None = None) -> None:
+        async def create(admin: Any) -> None:
             replicas = self.replication_factor or min(3, len((await admin.describe_cluster())["brokers"]) or 1)
-            new = admin_module.NewTopic(topic, num_partitions=partitions or self.partitions,
-                                        replication_factor=replicas)
-            response = await admin.create_topics([new])
-            for _, code, *rest in response.topic_errors:
+            new = self.client_module("aiokafka.admin").NewTopic(
+                topic, num_partitions=partitions or self.partitions, replication_factor=replicas)
+            for _, code, *rest in (await admin.create_topics([new])).topic_errors:
                 if code not in (0, 36):  # 36: it exists already
                     raise SendError(f"Kafka at {self.where} refused to create topic {topic!r}: "
                                     f"error {code} {rest[0] if rest else ''}")
-        finally:
-            await _closing(f"closing a Kafka admin client of {self.where}", admin.close())
-        known.add(topic)
 
-    async def _open_producer(self) -> Any:
-        """A started producer with ``acks="all"``, idempotent where the broker
-        supports it (Tansu, for one, refuses ``InitProducerId``)."""
-        options = {**self._client_options, "acks": "all", "max_request_size": self.max_request_size,
-                   "request_timeout_ms": int(self.send_timeout * 1000)}
-        errors = self._errors
-        if self.where not in _kafka_no_idempotence:
-            producer = self._aiokafka.AIOKafkaProducer(enable_idempotence=True, **options)
-            try:
-                await self._start(producer, "producer",
-                                  refusals=(errors.UnknownError, errors.UnsupportedVersionError))
-                return producer
-            except errors.KafkaError as exc:
-                log.info("Kafka at %s refused the idempotent producer (%s); producing with acks=all only",
-                         self.where, type(exc).__name__)
-                _kafka_no_idempotence.add(self.where)
-        producer = self._aiokafka.AIOKafkaProducer(**options)
-        await self._start(producer, "producer")
-        return producer
+        await self.ensure_once(topic, lambda: self._admin(create))
 
-    async def _produce(self, topic: str, message: Message, key: Any = None, timeout: float | None = None) -> None:
+    async def delete_topics(self, *topics: str) -> None:
+        self.forget(*topics)
+        await self._admin(lambda admin: _closing(f"deleting topics {list(topics)}", admin.delete_topics(list(topics))))
+
+    async def _producing(self) -> Any:
+        """The started producer, with ``acks="all"``, idempotent where the
+        broker supports it (Tansu, for one, refuses ``InitProducerId``)."""
+        if self._producer is not None:
+            return self._producer
+        async with self._producer_lock:
+            if self._producer is None:
+                options = {**self._client_options, "acks": "all", "max_request_size": self.max_request_size,
+                           "request_timeout_ms": int(self.send_timeout * 1000)}
+                refused = _kafka_no_idempotence.setdefault(asyncio.get_running_loop(), set())
+                if self.where not in refused:
+                    producer = self._aiokafka.AIOKafkaProducer(enable_idempotence=True, **options)
+                    try:
+                        await self._started(producer, "producer", (self._errors.UnknownError,
+                                                                   self._errors.UnsupportedVersionError))
+                        self._producer = producer
+                        return producer
+                    except (self._errors.UnknownError, self._errors.UnsupportedVersionError) as exc:
+                        log.info("Kafka at %s refused the idempotent producer (%s); producing with acks=all only",
+                                 self.where, type(exc).__name__)
+                        refused.add(self.where)
+                producer = self._aiokafka.AIOKafkaProducer(**options)
+                await self._started(producer, "producer")
+                self._producer = producer
+        return self._producer
+
+    async def produce(self, topic: str, message: Message, key: Any = None, timeout: float | None = None) -> None:
         """Send one record and wait for the broker's acknowledgement."""
-        if timeout is None:  # aiokafka bounds it by request_timeout_ms, which is send_timeout
-            await self._acked(topic, message, await self._enqueue(topic, message, key))
-            return
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout):  # else aiokafka's request_timeout_ms, the send timeout
                 await self._acked(topic, message, await self._enqueue(topic, message, key))
         except TimeoutError:
             raise SendError(f"Kafka at {self.where} did not acknowledge the record to {topic!r} "
                             f"within {timeout}s") from None
 
-    async def _ensure_producer(self) -> Any:
-        if self._producer is None:
-            if self._producer_lock is None:
-                self._producer_lock = asyncio.Lock()
-            async with self._producer_lock:
-                if self._producer is None:
-                    self._producer = await self._open_producer()
-        return self._producer
-
     async def _enqueue(self, topic: str, message: Message, key: Any = None) -> Any:
         """Hand a record to the producer's batch; return the future of its acknowledgement."""
-        producer = self._producer or await self._ensure_producer()
-        if isinstance(key, str):
-            key = key.encode()
+        producer = self._producer or await self._producing()
         try:
-            return await producer.send(topic, message.data, key=key, headers=_kafka_headers(message))
+            return await producer.send(topic, message.data, key=key.encode() if isinstance(key, str) else key,
+                                       headers=[(k, v.encode()) for k, v in _KAFKA_ENVELOPE.pairs(message).items()])
         except self._errors.KafkaError as exc:
             raise self._send_error(topic, message, exc) from None
 
@@ -3480,7 +4070,7 @@ class _KafkaEndpoint(_Endpoint):
         if isinstance(exc, self._errors.KafkaTimeoutError):
             return SendError(f"Kafka at {self.where} did not acknowledge the record to {topic!r} "
                              f"within {self.send_timeout}s")
-        return SendError(f"Kafka at {self.where} did not take the record to {topic!r}: {type(exc).__name__}: {exc}")
+        return SendError(f"Kafka at {self.where} did not take the record to {topic!r}: {self.cause(exc)}")
 
     async def _stop_producer(self) -> None:
         if self._producer is not None:
@@ -3488,7 +4078,11 @@ class _KafkaEndpoint(_Endpoint):
             await _closing(f"stopping a Kafka producer of {self.where}", producer.stop())
 
 
-class KafkaProducer(_KafkaEndpoint, Producer):
+#: Clusters that refused the idempotent producer, so it is tried once per event loop.
+_kafka_no_idempotence: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[str]] = weakref.WeakKeyDictionary()
+
+
+class KafkaProducer(_KafkaEndpoint, PumpedReplies):
     """Sends records to the topic named after the queue (created with
     ``partitions`` if missing); ``send`` returns once the broker acknowledged
     the record with ``acks="all"``. ``send(key=...)`` keeps records of one key
@@ -3497,51 +4091,35 @@ class KafkaProducer(_KafkaEndpoint, Producer):
 
     send_flags = frozenset({"key"})
     tells_redelivery = False
+    pipelined = True
 
-    async def _connect(self) -> None:
+    async def connect(self) -> None:
         self._replies_ready = None
         self._reply_consumer: Any = None
-        self._reply_pump: asyncio.Task[None] | None = None
-        await self._ensure_topic(self.queue_name)
-        self._producer = await self._open_producer()
+        await self.ensure_topic(self.queue_name)
+        await self._producing()
 
-    async def _disconnect(self) -> None:
-        if self._reply_pump is not None:
-            self._reply_pump.cancel()
-        if self._reply_consumer is not None:
-            await _closing("stopping the Kafka reply consumer", self._reply_consumer.stop())
-            if self._replies_ready is not None and not self._replies_ready.cancelled() \
-                    and self._replies_ready.exception() is None:
-                await self._delete_topic(self._replies_ready.result())
+    async def disconnect(self) -> None:
+        await self.stop_replies()
         await self._stop_producer()
 
-    async def _delete_topic(self, topic: str) -> None:
-        admin = self._client("aiokafka.admin").AIOKafkaAdminClient(**self._client_options)
-        try:
-            await self._start(admin, "admin client")
-            await _closing(f"deleting topic {topic!r}", admin.delete_topics([topic]))
-        except ConnectionFailed as exc:
-            log.debug("could not delete topic %r: %s", topic, exc)
-        finally:
-            await _closing("closing a Kafka admin client", admin.close())
-        _kafka_topics.get(self.where, set()).discard(topic)
+    async def publish(self, message: Message, timeout: float | None, key: Any = None, **flags: Any) -> None:
+        await self.produce(self.queue_name, message, key, timeout)
 
-    async def _publish(self, message: Message, timeout: float | None, key: Any = None, **flags: Any) -> None:
-        await self._produce(self.queue_name, message, key, timeout)
-
-    async def _publish_many(self, batch: list[Message], timeout: float | None, key: Any = None,
-                            **flags: Any) -> list[Any]:
+    async def publish_many(self, batch: list[Message], timeout: float | None, key: Any = None,
+                           **flags: Any) -> list[Any]:
         # Every record into the producer's batches first, then wait for the acknowledgements together.
         topic, acks = self.queue_name, []
-        send, errors = (await self._ensure_producer()).send, self._errors
+        send, errors = (await self._producing()).send, self._errors
         if isinstance(key, str):
             key = key.encode()
+        pairs = _KAFKA_ENVELOPE.pairs
         for message in batch:  # straight to aiokafka: one coroutine level less per record
             try:
-                acks.append(await send(topic, message.data, key=key, headers=_kafka_headers(message)))
+                acks.append(await send(topic, message.data, key=key,
+                                       headers=[(k, v.encode()) for k, v in pairs(message).items()]))
             except errors.KafkaError as exc:
                 acks.append(self._send_error(topic, message, exc))
-
         # Waited for in order rather than gathered: a partition's records are acknowledged at once,
         # so most futures are done by the time their turn comes, and none costs a callback.
         results: list[Any] = []
@@ -3561,21 +4139,30 @@ class KafkaProducer(_KafkaEndpoint, Producer):
                             f"within {timeout}s") from None
         return results
 
-    async def _listen_for_replies(self) -> str:
+    async def open_replies(self) -> str:
         topic = f"streamtools.reply.{_new_id()}"
-        await self._ensure_topic(topic, partitions=1)
+        await self.ensure_topic(topic, partitions=1)
         consumer = self._aiokafka.AIOKafkaConsumer(enable_auto_commit=False, auto_offset_reset="earliest",
                                                    **self._client_options)
-        await self._start(consumer, "reply consumer")
+        await self._started(consumer, "reply consumer")
         consumer.assign([self._aiokafka.TopicPartition(topic, 0)])
         self._reply_consumer = consumer
-        self._reply_pump = asyncio.create_task(self._pump_replies(consumer))
         return topic
 
-    async def _pump_replies(self, consumer: Any) -> None:
-        async for record in consumer:
-            headers, content_type, _, correlation_id, _ = _kafka_envelope(record)
-            self._on_reply(correlation_id, record.value or b"", content_type, headers)
+    async def read_replies(self, address: str) -> list[Message]:
+        batches = await self._reply_consumer.getmany(timeout_ms=1000)
+        return [_kafka_message(record) for records in batches.values() for record in records]
+
+    async def close_replies(self, address: str) -> None:
+        await _closing("stopping the Kafka reply consumer", self._reply_consumer.stop())
+        await self.delete_topics(address)
+
+
+def _kafka_message(record: Any, queue: str = "") -> Message:
+    headers, content_type, message_id, correlation_id, reply_to = _KAFKA_ENVELOPE.read(record.headers or ())
+    return Message(data=record.value or b"", content_type=content_type, headers=headers,
+                   id=message_id or f"{record.topic}-{record.partition}-{record.offset}", queue=queue,
+                   correlation_id=correlation_id, reply_to=reply_to, raw=record)
 
 
 class _Offsets:
@@ -3602,7 +4189,7 @@ class _Offsets:
             self.commit = first + 1
 
 
-class KafkaConsumer(_KafkaEndpoint, Consumer):
+class KafkaConsumer(_KafkaEndpoint, PullingConsumer):
     """Consumes the queue's topic as one consumer group (every consumer of a
     queue shares its messages), with up to ``prefetch`` records in flight
     across partitions. Offsets are committed only for records whose handler
@@ -3622,21 +4209,18 @@ class KafkaConsumer(_KafkaEndpoint, Consumer):
 
     tells_redelivery = False
 
-    def _setup(self, *, group: str | None = None, session_timeout: float = 10.0, commit_interval: float = 0.2,
-               fetch_max_wait: float = 0.05, **options: Any) -> None:
-        super()._setup(**options)
+    def configure(self, *, group: str | None = None, session_timeout: float = 10.0, commit_interval: float = 0.2,
+                  fetch_max_wait: float = 0.05, **options: Any) -> None:
+        super().configure(**options)
         self.fetch_max_wait = _number("fetch_max_wait", fetch_max_wait, float, 0.001)
         self.group = group or self.queue_name
         self.session_timeout = _number("session_timeout", session_timeout, float, 0.1)
         self.commit_interval = _number("commit_interval", commit_interval, float, 0.001)
 
-    async def _connect(self) -> None:
+    async def connect(self) -> None:
         self._partitions: dict[int, _Offsets] = {}
         self._joined = asyncio.Event()
-        self._in_flight = 0
-        self._room = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        await self._ensure_topic(self.queue_name)
+        await self.ensure_topic(self.queue_name)
         session_ms = int(self.session_timeout * 1000)
         self._consumer = self._aiokafka.AIOKafkaConsumer(
             group_id=self.group, enable_auto_commit=False, auto_offset_reset="earliest",
@@ -3644,12 +4228,12 @@ class KafkaConsumer(_KafkaEndpoint, Consumer):
             max_poll_records=self.prefetch, fetch_max_wait_ms=int(self.fetch_max_wait * 1000),
             **self._client_options)
         self._consumer.subscribe([self.queue_name], listener=self._rebalance_listener())
-        await self._start(self._consumer, f"consumer of group {self.group!r}")
+        await self._started(self._consumer, f"consumer of group {self.group!r}")
 
     def _rebalance_listener(self) -> Any:
         consumer = self
 
-        class Listener(self._client("aiokafka.abc").ConsumerRebalanceListener):  # type: ignore[misc]
+        class Listener(self.client_module("aiokafka.abc").ConsumerRebalanceListener):  # type: ignore[misc]
             async def on_partitions_revoked(self, revoked: Any) -> None:
                 await consumer._commit()  # what finished; the rest goes to the partition's new owner
                 for tp in revoked:
@@ -3662,10 +4246,8 @@ class KafkaConsumer(_KafkaEndpoint, Consumer):
 
         return Listener()
 
-    async def _start_intake(self) -> None:
-        self._inbox = _Inbox()
-        self._start_workers(self._inbox, self._received)
-        self._tasks = [asyncio.create_task(self._fetch()), asyncio.create_task(self._commit_every())]
+    async def start_intake(self) -> None:
+        await super().start_intake()
         # start() returns once the group gave this member its partitions (maybe none): a message
         # sent next is consumed at once, not after the join (about 0.3 s on Tansu).
         try:
@@ -3675,30 +4257,22 @@ class KafkaConsumer(_KafkaEndpoint, Consumer):
             log.warning("consumer of %r has not joined group %r on %s within %ss; it goes on joining",
                         self.queue_name, self.group, self.where, self.connect_timeout)
 
-    def _received(self, record: Any) -> Message:
-        headers, content_type, message_id, correlation_id, reply_to = _kafka_envelope(record)
-        return Message(data=record.value or b"", content_type=content_type, headers=headers, id=message_id,
-                       queue=self.queue_name, correlation_id=correlation_id, reply_to=reply_to, raw=record)
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        return [self._commit_every()]
 
-    async def _fetch(self) -> None:
-        consumer, errors = self._consumer, self._errors
-        low_water = max(1, self.prefetch // 4)  # fetch in batches, not a record per finished handler
-        while not self._stopping:
-            room = self.prefetch - self._in_flight
-            if room < low_water:
-                self._room.clear()
-                await self._room.wait()
-                continue
-            try:
-                batches = await consumer.getmany(timeout_ms=200, max_records=room)
-            except errors.KafkaError as exc:
-                log.warning("fetching from %r on %s failed (%r); retrying", self.queue_name, self.where, exc)
-                await asyncio.sleep(1.0)
-                continue
-            for tp, records in batches.items():
-                self._partitions.setdefault(tp.partition, _Offsets()).pending.extend(r.offset for r in records)
-                self._inbox.put_many(records)
-                self._in_flight += len(records)
+    def connected(self) -> bool:
+        # aiokafka forgets the group's coordinator when it stops answering (a heartbeat fails).
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        return self._fetching and getattr(coordinator, "coordinator_id", 0) is not None
+
+    def received(self, record: Any) -> Message:
+        return _kafka_message(record, self.queue_name)
+
+    async def fetch(self, room: int) -> list[Any]:
+        batches = await self._consumer.getmany(timeout_ms=200, max_records=room)
+        for tp, records in batches.items():
+            self._partitions.setdefault(tp.partition, _Offsets()).pending.extend(r.offset for r in records)
+        return [record for records in batches.values() for record in records]
 
     async def _commit_every(self) -> None:
         while True:
@@ -3722,85 +4296,37 @@ class KafkaConsumer(_KafkaEndpoint, Consumer):
             if offsets is not None and offsets.commit == offset:
                 offsets.commit = None
 
-    def _settled(self, message: Message, done: bool) -> None:
-        self._in_flight -= 1
-        self._room.set()
-        if done:
-            offsets = self._partitions.get(message.raw.partition)
-            if offsets is not None:  # else revoked: its new owner has the record again
-                offsets.done(message.raw.offset)
-
-    async def _stop_intake(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        # Records fetched but not started stay uncommitted: the group delivers them again.
-        await self._stop_workers()
-
-    async def _disconnect(self) -> None:
+    async def disconnect(self) -> None:
         await self._commit()
         await _closing(f"leaving group {self.group!r}", self._consumer.stop())
         await self._stop_producer()
 
-    async def _ack(self, message: Message) -> None:
-        self._settled(message, True)
+    async def acknowledge(self, message: Message) -> None:
+        offsets = self._partitions.get(message.raw.partition)
+        if offsets is not None:  # else revoked: its new owner has the record again
+            offsets.done(message.raw.offset)
 
-    async def _requeue(self, message: Message) -> None:
-        # Left uncommitted: the group delivers it again after this consumer is gone.
-        self._settled(message, False)
+    async def send_to(self, queue: str, message: Message) -> None:
+        await self.ensure_topic(queue)
+        await self.produce(queue, message)
 
-    async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
-        await self._ensure_topic(self.dead_letter_queue)
-        await self._produce(self.dead_letter_queue, Message(
-            data=message.data, content_type=message.content_type, headers=headers, id=message.id,
-            correlation_id=message.correlation_id))
-
-    async def _reply(self, message: Message, result: Any, error: str | None) -> None:
-        data, content_type, headers = _reply_payload(result, error)
-        await self._produce(message.reply_to or "", Message(
-            data=data, content_type=content_type, headers=headers, id=_new_id(),
-            correlation_id=message.correlation_id))
+    async def send_reply(self, address: str, reply: Message) -> None:
+        await self.produce(address, reply)
 
     async def delete_queues(self) -> None:
         """Delete the queue's topic and its dead-letter topic."""
-        admin = self._client("aiokafka.admin").AIOKafkaAdminClient(**self._client_options)
-        try:
-            await self._start(admin, "admin client")
-            await _closing(f"deleting the topics of {self.queue_name!r}",
-                           admin.delete_topics([self.queue_name, self.dead_letter_queue]))
-        finally:
-            await _closing("closing a Kafka admin client", admin.close())
-        for topic in (self.queue_name, self.dead_letter_queue):
-            _kafka_topics.get(self.where, set()).discard(topic)
+        await self.delete_topics(self.queue_name, self.dead_letter_queue)
 
 
 ###############################################################################
 # Transports: NATS JetStream ##################################################
 ###############################################################################
 
-# The envelope travels in NATS headers (strings); Nats-Msg-Id makes JetStream drop a resent duplicate.
-_N_TYPE, _N_ID, _N_CORRELATION, _N_REPLY_TO = "Content-Type", "Nats-Msg-Id", "X-Correlation-Id", "X-Reply-To"
-_N_ENVELOPE = frozenset({_N_TYPE, _N_ID, _N_CORRELATION, _N_REPLY_TO})
-
-#: Streams known to exist, per server list, so each is created once per process.
-_nats_streams: dict[str, set[str]] = {}
-
-
-def _nats_servers(servers: str | Sequence[str] | None) -> list[str]:
-    """Server URLs from the option, else ``NATS_URL`` (comma-separated), else localhost."""
-    raw = servers or os.environ.get("NATS_URL") or "nats://localhost:4222"
-    items = [item.strip() for item in (raw.split(",") if isinstance(raw, str) else raw) if item.strip()]
-    if not items:
-        raise ConfigError("servers names no NATS server: give nats://host:port[,nats://host:port...]")
-    for item in items:
-        parts = urllib.parse.urlsplit(item if "://" in item else f"nats://{item}")
-        if parts.scheme not in ("nats", "tls", "ws", "wss") or not parts.hostname:
-            raise ConfigError(f"a NATS server is nats://host:port (or tls://), got {_redact(item)!r}")
-        try:
-            parts.port
-        except ValueError:
-            raise ConfigError(f"bad port in NATS server {_redact(item)!r}") from None
-    return [item if "://" in item else f"nats://{item}" for item in items]
+#: The envelope in NATS headers (strings); Nats-Msg-Id makes JetStream drop a resent duplicate.
+_NATS_ENVELOPE = _Envelope("Content-Type", "Nats-Msg-Id", "X-Correlation-Id", "X-Reply-To")
+#: The message id, where Nats-Msg-Id cannot be it (a dead letter: JetStream would drop it as a
+#: duplicate of an earlier dead letter of the same message).
+_N_MESSAGE_ID = "X-Message-Id"
 
 
 def _nats_name(queue: str) -> str:
@@ -3819,154 +4345,101 @@ def _nats_subject(queue: str) -> str:
     return subject
 
 
-def _nats_headers(message: Message) -> dict[str, str]:
-    headers = _flat_headers(message.headers) if message.headers else {}
-    headers[_N_TYPE] = message.content_type
-    headers[_N_ID] = message.id
-    if message.correlation_id:
-        headers[_N_CORRELATION] = message.correlation_id
-    if message.reply_to:
-        headers[_N_REPLY_TO] = message.reply_to
-    return headers
+def _nats_message(msg: Any, queue: str = "") -> Message:
+    headers, content_type, message_id, correlation_id, reply_to = _NATS_ENVELOPE.read((msg.headers or {}).items())
+    return Message(data=msg.data, content_type=content_type, headers=headers,
+                   id=headers.pop(_N_MESSAGE_ID, None) or message_id, queue=queue,
+                   correlation_id=correlation_id, reply_to=reply_to, raw=msg)
 
 
-def _nats_envelope(raw: dict[str, str] | None) -> tuple[dict[str, Any], str, str, str | None, str | None]:
-    """(headers, content type, id, correlation id, reply-to) of a NATS message's headers."""
-    headers: dict[str, Any] = {}
-    content_type, message_id, correlation_id, reply_to = BINARY, "", None, None
-    for key, value in (raw or {}).items():  # one pass: this runs for every message
-        if key == _N_TYPE:
-            content_type = value
-        elif key == _N_ID:
-            message_id = value
-        elif key == _N_CORRELATION:
-            correlation_id = value
-        elif key == _N_REPLY_TO:
-            reply_to = value
-        else:
-            headers[key] = value
-    if _TYPED in headers:
-        headers = _typed_headers(headers)
-    return headers, content_type, message_id, correlation_id, reply_to
-
-
-def _nats_delivered(msg: Any) -> int:
-    """The delivery count from a JetStream message's ack subject: cheaper than
-    nats-py's full ``metadata`` (timestamps and all), which only this needs."""
-    tokens = (msg.reply or "").split(".")
-    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
-        return int(tokens[4])
-    return int(msg.metadata.num_delivered or 1)  # the newer form, with domain and account hash
-
-
-class _NATSEndpoint(_Endpoint):
+class _NATSEndpoint(BrokerEndpoint):
     """The settings and the connection both NATS classes share.
 
     :param servers: server URLs (a list, or comma-separated); else ``NATS_URL``.
         nats-py fails over between them and reconnects by itself.
     :param user: with ``password``; or ``token``; never shown in logs or errors.
     :param tls: an ``ssl.SSLContext`` (or use ``tls://`` URLs).
-    :param connect_timeout: how long the first connection is retried.
-    :param send_timeout: how long a send waits for JetStream's PubAck, through an outage.
+    Takes ``connect_timeout`` and ``send_timeout`` (see :class:`BrokerEndpoint`).
     """
 
     client = ("nats", "nats-py")
     address_option = "servers"
+    broker = "NATS"
+    lost_errors = ("builtins.OSError", "nats.errors.NoServersError", "nats.errors.TimeoutError",
+                   "nats.errors.ConnectionClosedError", "nats.errors.NoRespondersError",
+                   "nats.errors.ConnectionReconnectingError", "nats.js.errors.NoStreamResponseError")
+    refused_errors = ("nats.errors.AuthorizationError",)
+    client_errors = ("nats.errors.Error", "nats.js.errors.Error")
+    refused_hint = "check user/password or token"
 
-    def _setup(self, *, servers: str | Sequence[str] | None = None, user: str | None = None,
-               password: str | None = None, token: str | None = None, tls: ssl.SSLContext | None = None,
-               connect_timeout: float = 30.0, send_timeout: float = 30.0) -> None:
-        self._nats = self._client()
-        self._nats_errors = self._client("nats.errors")
-        self._js_errors = self._client("nats.js.errors")
-        self.servers = _nats_servers(servers)
-        #: ``host:port`` of each server, for messages (never credentials).
-        self.where = ",".join(f"{p.hostname}:{p.port or 4222}" for p in map(urllib.parse.urlsplit, self.servers))
-        self.connect_timeout = _number("connect_timeout", connect_timeout)
-        self.send_timeout = _number("send_timeout", send_timeout, float, 0.001)
+    def configure(self, *, servers: str | Sequence[str] | None = None, user: str | None = None,
+                  password: str | None = None, token: str | None = None, tls: ssl.SSLContext | None = None,
+                  **options: Any) -> None:
+        super().configure(**options)
+        self._nats = self.client_module()
+        self._js_errors = self.client_module("nats.js.errors")
+        self.address = _addresses(servers, ("NATS_URL",), "nats://localhost:4222", "NATS",
+                                  ("nats", "tls", "ws", "wss"), 4222, bare=True)
+        #: The server URLs (nats-py fails over between them).
+        self.servers = self.address.urls
         credentials = {"user": user, "password": password, "token": token, "tls": tls}
         self._credentials = {k: v for k, v in credentials.items() if v is not None}
         self.subject = _nats_subject(self.queue_name)
         self.stream = _nats_name(self.queue_name)
+        self._nc: Any = None
 
     async def _open(self) -> None:
-        for parts in map(urllib.parse.urlsplit, self.servers):
-            await _resolve(parts.hostname or "localhost", parts.port or 4222, f"NATS at {self.where}")
-        where = self.where
-
-        async def disconnected() -> None:
-            _connection_event(NATS, where, "lost")
-
-        async def reconnected() -> None:
-            _connection_event(NATS, where, "restored")
+        def event(what: str) -> Callable[[], Awaitable[None]]:
+            async def tell() -> None:
+                if self._nc is not None and not self._nc.is_closed:  # not our own close
+                    self.connection_event(what)
+            return tell
 
         async def error(exc: Exception) -> None:
-            log.debug("NATS at %s: %r", where, exc)
+            log.debug("NATS at %s: %r", self.where, exc)
 
         async def connect() -> Any:
             return await self._nats.connect(
-                self.servers, connect_timeout=min(5.0, max(0.5, self.connect_timeout)), max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5, allow_reconnect=True, disconnected_cb=disconnected,
-                reconnected_cb=reconnected, error_cb=error, name="streamtools", **self._credentials)
+                self.address.urls, connect_timeout=min(5.0, max(0.5, self.connect_timeout)),
+                max_reconnect_attempts=-1, reconnect_time_wait=0.5, allow_reconnect=True,
+                disconnected_cb=event("lost"), reconnected_cb=event("restored"), error_cb=error,
+                name="streamtools", **self._credentials)
 
-        errors = self._nats_errors
-        try:
-            async with asyncio.timeout(self.connect_timeout):
-                self._nc = await _retry(connect, what=f"connecting to NATS at {where}",
-                                        retry_on=(OSError, errors.NoServersError, errors.TimeoutError),
-                                        fatal=(errors.AuthorizationError,), base=0.25, cap=5.0)
-        except errors.AuthorizationError:
-            raise ConnectionFailed(f"NATS at {where} refused the credentials: check user/password or token") from None
-        except (TimeoutError, OSError, errors.Error) as exc:
-            raise ConnectionFailed(f"cannot connect to NATS at {where} within {self.connect_timeout}s: "
-                                   f"{type(exc).__name__}") from None
+        self._nc = await self.connecting(connect)
         self._js = self._nc.jetstream()
 
-    async def _ensure_stream(self, stream: str, subject: str) -> None:
-        known = _nats_streams.setdefault(self.where, set())
-        if stream in known:
-            return
-        try:
-            await self._js.add_stream(name=stream, subjects=[subject], retention="workqueue", storage="file")
-        except self._js_errors.BadRequestError as exc:  # it exists with other settings
-            info = await self._js.stream_info(stream)
-            if subject not in (info.config.subjects or []):
-                raise ConfigError(f"JetStream stream {stream!r} on {self.where} exists without subject "
-                                  f"{subject!r}: delete it or use another queue name ({exc})") from None
-        known.add(stream)
+    async def ensure_stream(self, stream: str, subject: str) -> None:
+        async def create() -> None:
+            try:
+                await self._js.add_stream(name=stream, subjects=[subject], retention="workqueue", storage="file")
+            except self._js_errors.BadRequestError as exc:  # it exists with other settings
+                info = await self._js.stream_info(stream)
+                if subject not in (info.config.subjects or []):
+                    raise ConfigError(f"JetStream stream {stream!r} on {self.where} exists without subject "
+                                      f"{subject!r}: delete it or use another queue name ({exc})") from None
 
-    async def _close_connection(self) -> None:
-        nc = getattr(self, "_nc", None)
+        await self.ensure_once(stream, create)
+
+    async def disconnect(self) -> None:
+        nc, self._nc = self._nc, None
         if nc is not None:
-            self._nc = None
             await _closing(f"closing the connection to NATS at {self.where}", nc.close())
 
-    async def _disconnect(self) -> None:
-        await self._close_connection()
-
-    async def _js_publish(self, subject: str, message: Message, timeout: float | None = None) -> None:
+    async def js_publish(self, subject: str, data: bytes, headers: dict[str, str], timeout: float | None = None) -> None:
         """Publish to JetStream and wait for its PubAck, retrying through an
         outage until the send timeout (a resend carries the same Nats-Msg-Id,
         so the server drops it if the first one had arrived)."""
         timeout = self.send_timeout if timeout is None else timeout
-        headers = _nats_headers(message)
-        errors, js_errors = self._nats_errors, self._js_errors
 
         async def publish() -> None:
-            await self._js.publish(subject, message.data, timeout=min(5.0, timeout), headers=headers)
+            await self._js.publish(subject, data, timeout=min(5.0, timeout), headers=headers)
 
-        try:
-            async with asyncio.timeout(timeout):
-                await _retry(publish, what=f"publishing to {subject!r} on NATS at {self.where}",
-                             retry_on=(errors.TimeoutError, errors.ConnectionClosedError, errors.NoRespondersError,
-                                       js_errors.NoStreamResponseError, errors.ConnectionReconnectingError),
-                             base=0.1, cap=2.0)
-        except TimeoutError:
-            raise SendError(f"NATS at {self.where} did not acknowledge the message to {subject!r} "
-                            f"within {timeout}s") from None
-        except (errors.Error, js_errors.Error) as exc:
-            raise SendError(f"NATS at {self.where} refused the message to {subject!r}: "
-                            f"{type(exc).__name__}: {exc}") from None
+        try:  # the first try without the retry's coroutines
+            await publish()
+        except self.lost as exc:
+            await self.sending(f"the message to {subject!r}", publish, timeout, failed=exc)
+        except self.failures as exc:
+            raise SendError(f"NATS at {self.where} refused the message to {subject!r}: {self.cause(exc)}") from None
 
 
 class NATSProducer(_NATSEndpoint, Producer):
@@ -3975,23 +4448,29 @@ class NATSProducer(_NATSEndpoint, Producer):
     the message (PubAck). Requests use a core NATS inbox of the producer's own
     for the replies. Options: see :class:`_NATSEndpoint`."""
 
-    async def _connect(self) -> None:
+    pipelined = True
+
+    async def connect(self) -> None:
         self._replies_ready = None
         await self._open()
-        await self._ensure_stream(self.stream, self.subject)
+        try:
+            await self.ensure_stream(self.stream, self.subject)
+        except BaseException:
+            await self.disconnect()
+            raise
 
-    async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
-        await self._js_publish(self.subject, message, timeout)
+    async def publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
+        await self.js_publish(self.subject, message.data, _NATS_ENVELOPE.pairs(message), timeout)
 
-    async def _publish_many(self, batch: list[Message], timeout: float | None, **flags: Any) -> list[Any]:
+    async def publish_many(self, batch: list[Message], timeout: float | None, **flags: Any) -> list[Any]:
         # Pipelined: every message out at once, then the PubAcks together; one that failed is
         # sent again on its own, with the retries of send (its Nats-Msg-Id drops a duplicate).
-        js, subject = self._js, self.subject
+        js, subject, pairs = self._js, self.subject, _NATS_ENVELOPE.pairs
         acks = []
         for message in batch:
             try:
-                acks.append(await js.publish_async(subject, message.data, headers=_nats_headers(message)))
-            except (self._nats_errors.Error, self._js_errors.Error) as exc:
+                acks.append(await js.publish_async(subject, message.data, headers=pairs(message)))
+            except self.failures as exc:
                 acks.append(exc)
         outcomes = await asyncio.gather(*(a for a in acks if not isinstance(a, BaseException)),
                                         return_exceptions=True)
@@ -4001,25 +4480,24 @@ class NATSProducer(_NATSEndpoint, Producer):
             outcome = ack if isinstance(ack, BaseException) else next(pending)
             if isinstance(outcome, BaseException):
                 try:
-                    await self._js_publish(subject, message, timeout)
+                    await self.publish(message, timeout)
                     outcome = None
                 except SendError as exc:
                     outcome = exc
             results.append(outcome if isinstance(outcome, BaseException) else None)
         return results
 
-    async def _listen_for_replies(self) -> str:
+    async def listen_for_replies(self) -> str:
         inbox: str = self._nc.new_inbox()
 
         async def on_reply(msg: Any) -> None:
-            headers, content_type, _, correlation_id, _ = _nats_envelope(msg.headers)
-            self._on_reply(correlation_id, msg.data, content_type, headers)
+            self.deliver_reply(_nats_message(msg))
 
         await self._nc.subscribe(inbox, cb=on_reply)
         return inbox
 
 
-class NATSConsumer(_NATSEndpoint, Consumer):
+class NATSConsumer(_NATSEndpoint, PullingConsumer):
     """Consumes the queue's stream through one durable pull consumer named
     after the queue, shared by every consumer process of the queue. Up to
     ``prefetch`` messages are in flight (the pull batch and the server's
@@ -4032,19 +4510,16 @@ class NATSConsumer(_NATSEndpoint, Consumer):
         (after a crash, say). Takes the options of :class:`NATSProducer` too.
     """
 
-    def _setup(self, *, ack_wait: float = 30.0, **options: Any) -> None:
-        super()._setup(**options)
+    def configure(self, *, ack_wait: float = 30.0, **options: Any) -> None:
+        super().configure(**options)
         self.ack_wait = _number("ack_wait", ack_wait, float, 0.1)
 
-    async def _connect(self) -> None:
-        self._in_flight = 0
-        self._room = asyncio.Event()
+    async def connect(self) -> None:
         self._handling: dict[int, tuple[Any, float]] = {}
-        self._tasks: list[asyncio.Task[None]] = []
         await self._open()
         try:
-            await self._ensure_stream(self.stream, self.subject)
-            api = self._client("nats.js.api")
+            await self.ensure_stream(self.stream, self.subject)
+            api = self.client_module("nats.js.api")
             # The pull batch bounds the messages in flight here; the server's max_ack_pending also
             # counts messages waiting out a retry delay, so it gets room for them beyond prefetch.
             config = api.ConsumerConfig(durable_name=self.stream, ack_policy=api.AckPolicy.EXPLICIT,
@@ -4053,44 +4528,35 @@ class NATSConsumer(_NATSEndpoint, Consumer):
             self._sub = await self._js.pull_subscribe(self.subject, durable=self.stream, stream=self.stream,
                                                       config=config)
         except BaseException:
-            await self._close_connection()
+            await self.disconnect()
             raise
 
-    async def _start_intake(self) -> None:
-        self._inbox = _Inbox()
-        self._start_workers(self._inbox, self._received)
-        self._tasks = [asyncio.create_task(self._fetch()), asyncio.create_task(self._keep_in_progress())]
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        return [self._keep_in_progress()]
 
-    def _connected(self) -> bool:
+    def connected(self) -> bool:
         return self._nc is not None and bool(self._nc.is_connected)
 
-    def _received(self, msg: Any) -> Message:
-        headers, content_type, message_id, correlation_id, reply_to = _nats_envelope(msg.headers)
-        delivered = _nats_delivered(msg)
+    def received(self, msg: Any) -> Message:
+        message = _nats_message(msg, self.queue_name)
+        tokens = (msg.reply or "").split(".")
+        # The delivery count and stream sequence from the ack subject, cheaper than nats-py's full
+        # metadata: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
+        if len(tokens) == 9:
+            delivered, sequence = int(tokens[4]), tokens[5]
+        else:  # the newer form, with domain and account hash
+            delivered, sequence = int(msg.metadata.num_delivered or 1), str(msg.metadata.sequence.stream)
+        message.id = message.id or f"{self.stream}-{sequence}"  # another client's message, without an id
+        message.attempt, message.redelivered = delivered, delivered > 1
         self._handling[id(msg)] = (msg, time.monotonic())
-        return Message(data=msg.data, content_type=content_type, headers=headers, id=message_id,
-                       queue=self.queue_name, correlation_id=correlation_id, reply_to=reply_to,
-                       attempt=delivered, redelivered=delivered > 1, raw=msg)
+        return message
 
-    async def _fetch(self) -> None:
-        errors = self._nats_errors
-        low_water = max(1, self.prefetch // 4)
-        while not self._stopping:
-            room = self.prefetch - self._in_flight
-            if room < low_water:
-                self._room.clear()
-                await self._room.wait()
-                continue
-            try:
-                msgs = await self._sub.fetch(batch=room, timeout=1.0)
-            except errors.TimeoutError:
-                continue
-            except (errors.Error, self._js_errors.Error, OSError) as exc:
-                log.warning("fetching from %r on NATS at %s failed (%r); retrying", self.queue_name, self.where, exc)
-                await asyncio.sleep(0.5)
-                continue
-            self._in_flight += len(msgs)
-            self._inbox.put_many(msgs)
+    async def fetch(self, room: int) -> list[Any]:
+        try:
+            msgs: list[Any] = await self._sub.fetch(batch=room, timeout=1.0)
+        except self._nats.errors.TimeoutError:
+            return []
+        return msgs
 
     async def _keep_in_progress(self) -> None:
         """Tell the server that long-running handlers still work on their
@@ -4103,55 +4569,39 @@ class NATSConsumer(_NATSEndpoint, Consumer):
                 if now - started >= interval:
                     await _closing("in-progress ack", msg.in_progress())
 
-    def _settled(self, message: Message) -> None:
-        self._handling.pop(id(message.raw), None)
-        self._in_flight -= 1
-        self._room.set()
-
     async def _settle(self, message: Message, how: Callable[[], Awaitable[Any]], what: str) -> None:
-        self._settled(message)
+        self._handling.pop(id(message.raw), None)
         try:
             await how()
         except Exception as exc:  # the server redelivers it after ack_wait
             log.warning("could not %s message %s of %r (%r); the server will deliver it again",
                         what, message.id, self.queue_name, exc)
 
-    async def _stop_intake(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._stop_workers()
-        for msg in list(self._inbox.items):  # fetched, never started: back to the server now
-            await _closing("nak", msg.nak())
-        self._inbox.items.clear()
+    async def acknowledge(self, message: Message) -> None:
+        await self._settle(message, message.raw.ack, "acknowledge")
 
-    async def _ack(self, message: Message) -> None:
-        self._settled(message)
-        try:
-            await message.raw.ack()
-        except Exception as exc:  # the server redelivers it after ack_wait
-            log.warning("could not acknowledge message %s of %r (%r); the server will deliver it again",
-                        message.id, self.queue_name, exc)
-
-    async def _requeue(self, message: Message) -> None:
+    async def hand_back(self, message: Message) -> None:
         await self._settle(message, message.raw.nak, "hand back")
 
-    async def _retry_later(self, message: Message, delay: float) -> bool:
+    async def hold(self, message: Message, delay: float) -> bool:
         await self._settle(message, functools.partial(message.raw.nak, delay=delay), "hand back")
         return True
 
-    async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
-        subject = _nats_subject(self.dead_letter_queue)
-        await self._ensure_stream(_nats_name(self.dead_letter_queue), subject)
-        await self._js_publish(subject, Message(data=message.data, content_type=message.content_type,
-                                                headers=headers, id=f"{message.id}.dead",
-                                                correlation_id=message.correlation_id))
+    async def unstarted(self, raws: list[Any]) -> None:
+        for msg in raws:  # fetched, never started: back to the server now
+            await _closing("nak", msg.nak())
 
-    async def _reply(self, message: Message, result: Any, error: str | None) -> None:
-        data, content_type, headers = _reply_payload(result, error)
-        reply = Message(data=data, content_type=content_type, headers=headers, id=_new_id(),
-                        correlation_id=message.correlation_id)
-        await self._nc.publish(message.reply_to or "", data, headers=_nats_headers(reply))
+    async def send_to(self, queue: str, message: Message) -> None:
+        subject = _nats_subject(queue)
+        await self.ensure_stream(_nats_name(queue), subject)
+        pairs = _NATS_ENVELOPE.pairs(message)
+        # A Nats-Msg-Id of its own: a message dead-lettered again (or another client's, without an
+        # id) would be dropped as a duplicate of the first; the id travels beside it.
+        pairs.update({"Nats-Msg-Id": f"{message.id}.dead.{_new_id()}", _N_MESSAGE_ID: message.id})
+        await self.js_publish(subject, message.data, pairs)
+
+    async def send_reply(self, address: str, reply: Message) -> None:
+        await self._nc.publish(address, reply.data, headers=_NATS_ENVELOPE.pairs(reply))
 
     async def delete_queues(self) -> None:
         """Delete the queue's stream and its dead-letter stream."""
@@ -4162,190 +4612,150 @@ class NATSConsumer(_NATSEndpoint, Consumer):
                     await self._js.delete_stream(_nats_name(queue))
                 except self._js_errors.NotFoundError:
                     pass
-                _nats_streams.get(self.where, set()).discard(_nats_name(queue))
+                self.forget(_nats_name(queue))
         finally:
-            await self._close_connection()
+            await self.disconnect()
 
 
 ###############################################################################
 # Transports: Redis Streams ###################################################
 ###############################################################################
 
-# An entry's fields: the body, and the envelope beside it (headers as JSON, so types survive).
-_R_DATA, _R_TYPE, _R_ID, _R_HEADERS = b"data", b"content-type", b"id", b"headers"
-_R_CORRELATION, _R_REPLY_TO = b"correlation-id", b"reply-to"
+#: An entry's fields: ``data`` (the body), and the envelope beside it; the headers travel as
+#: one JSON object in ``headers``, so their types survive.
+_REDIS_ENVELOPE = _Envelope("content-type", "id", "correlation-id", "reply-to", nested="headers")
 _REPLY_TTL = 60  # seconds a requester's reply stream outlives its last reply
 
 
-def _redis_url(url: str | None) -> str:
-    url = url or os.environ.get("REDIS_URL") or "redis://localhost:6379/0"
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigError(f"a Redis URL starts with redis://, rediss:// (TLS) or unix://, got {_redact(url)!r}")
+def _redis_message(entry_id: bytes, fields: dict[bytes, bytes], queue: str = "") -> Message:
+    """The message of a stream entry. One without a ``data`` field, as
+    another client writes it, is delivered with its fields as the body (a
+    JSON object of text); one whose envelope cannot be read raises _Unreadable."""
+    data = fields.pop(b"data", None)
+    text = {key.decode("utf-8", "backslashreplace"): value for key, value in fields.items()}
+    if data is None:
+        body = {key: value.decode("utf-8", "backslashreplace") for key, value in text.items()}
+        return Message(data=_to_json(body), content_type=JSON, id=entry_id.decode(), queue=queue, raw=entry_id)
     try:
-        parts.port
-    except ValueError:
-        raise ConfigError(f"bad port in Redis URL {_redact(url)!r}") from None
-    return url
+        headers, content_type, message_id, correlation_id, reply_to = _REDIS_ENVELOPE.read(text.items())
+    except ValueError as exc:
+        raw_headers = text.get("headers", b"").decode("utf-8", "backslashreplace")
+        raise _Unreadable(Message(data=data, content_type=text.get("content-type", b"").decode("utf-8", "replace"),
+                                  headers={"x-original-headers": raw_headers}, id=entry_id.decode(), queue=queue,
+                                  raw=entry_id),
+                          f"entry {entry_id.decode()} of {queue!r} has an unreadable envelope: {exc}") from None
+    return Message(data=data, content_type=content_type, headers=headers, id=message_id or entry_id.decode(),
+                   queue=queue, correlation_id=correlation_id, reply_to=reply_to, raw=entry_id)
 
 
-def _redis_fields(message: Message) -> dict[bytes, Any]:
-    fields: dict[bytes, Any] = {_R_DATA: message.data, _R_TYPE: message.content_type, _R_ID: message.id}
-    if message.headers:
-        fields[_R_HEADERS] = _json_encode(message.headers)
-    if message.correlation_id:
-        fields[_R_CORRELATION] = message.correlation_id
-    if message.reply_to:
-        fields[_R_REPLY_TO] = message.reply_to
-    return fields
-
-
-def _redis_text(fields: dict[bytes, Any], key: bytes) -> str | None:
-    value = fields.get(key)
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
-class _RedisEndpoint(_Endpoint):
+class _RedisEndpoint(BrokerEndpoint):
     """The settings and the connection both Redis classes share.
 
     :param url: ``redis://`` or ``rediss://`` (TLS) URL with the database,
         and credentials if any (never shown); else ``REDIS_URL``.
-    :param connect_timeout: how long the first connection is retried.
-    :param send_timeout: how long a send retries through an outage.
     :param maxlen: trim the stream to about this many entries on each send
         (approximate, as Redis trims whole nodes); entries beyond it are lost.
+    Takes ``connect_timeout`` and ``send_timeout`` (see :class:`BrokerEndpoint`).
     """
 
     client = ("redis", "redis")
     address_option = "url"
+    broker = "Redis"
+    lost_errors = ("redis.exceptions.ConnectionError", "redis.exceptions.TimeoutError", "builtins.OSError")
+    refused_errors = ("redis.exceptions.AuthenticationError", "redis.exceptions.ResponseError")
+    client_errors = ("redis.exceptions.RedisError",)
+    refused_hint = "check the user and password in the URL, or REDIS_URL"
 
-    def _setup(self, *, url: str | None = None, connect_timeout: float = 30.0, send_timeout: float = 30.0,
-               maxlen: int | None = None) -> None:
-        self._redis = self._client("redis.asyncio")
-        self._redis_errors = self._client("redis.exceptions")
-        self.url = _redis_url(url)
-        parts = urllib.parse.urlsplit(self.url)
-        #: ``host:port`` of the server, for messages (never the credentials).
-        self.where = f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
-        self.connect_timeout = _number("connect_timeout", connect_timeout)
-        self.send_timeout = _number("send_timeout", send_timeout, float, 0.001)
+    def configure(self, *, url: str | None = None, maxlen: int | None = None, **options: Any) -> None:
+        super().configure(**options)
+        self._redis = self.client_module("redis.asyncio")
+        self._redis_errors = self.client_module("redis.exceptions")
+        self.address = _addresses(url, ("REDIS_URL",), "redis://localhost:6379/0", "Redis",
+                                  ("redis", "rediss", "unix"), 6379)
+        self.url = self.address.urls[0]
         self.maxlen = None if maxlen is None else _number("maxlen", maxlen, int, 1)
         self.key = f"streamtools:{self.queue_name}"
-        errors = self._redis_errors
-        self._lost = (errors.ConnectionError, errors.TimeoutError, OSError)
+        self._r: Any = None
 
     async def _open(self) -> None:
-        parts = urllib.parse.urlsplit(self.url)
-        if parts.scheme != "unix":
-            await _resolve(parts.hostname or "localhost", parts.port or 6379, f"Redis at {self.where}")
         self._r = self._redis.Redis.from_url(self.url, socket_connect_timeout=min(5.0, max(0.5, self.connect_timeout)),
                                              health_check_interval=15)
-        errors = self._redis_errors
         try:
-            await _retry(self._r.ping, what=f"connecting to Redis at {self.where}", retry_on=self._lost,
-                         fatal=(errors.AuthenticationError, errors.ResponseError),
-                         deadline=time.monotonic() + self.connect_timeout, base=0.25, cap=5.0)
-        except (errors.AuthenticationError, errors.ResponseError) as exc:
-            await self._close_connection()
-            raise ConnectionFailed(f"Redis at {self.where} refused the connection: {type(exc).__name__} "
-                                   "(check the user and password in the URL, or REDIS_URL)") from None
-        except self._lost as exc:
-            await self._close_connection()
-            raise ConnectionFailed(f"cannot connect to Redis at {self.where} within {self.connect_timeout}s: "
-                                   f"{type(exc).__name__}") from None
+            await self.connecting(self._r.ping)
+        except BaseException:
+            await self.disconnect()
+            raise
 
-    async def _close_connection(self) -> None:
-        r = getattr(self, "_r", None)
+    async def disconnect(self) -> None:
+        r, self._r = self._r, None
         if r is not None:
-            self._r = None
             await _closing(f"closing the connection to Redis at {self.where}", r.aclose())
 
-    async def _disconnect(self) -> None:
-        await self._close_connection()
+    def _fields(self, message: Message) -> dict[str, Any]:
+        return {"data": message.data, **_REDIS_ENVELOPE.pairs(message)}
 
-    async def _redo(self, what: str, operation: Callable[[], Awaitable[_T]], timeout: float | None = None) -> _T:
-        """Run a Redis command, retrying a lost connection until ``timeout``
-        (the send timeout), then ``SendError``: it never hangs or drops silently."""
-        timeout = self.send_timeout if timeout is None else timeout
-        try:
-            async with asyncio.timeout(timeout):
-                result: _T = await _retry(operation, what=f"{what} on Redis at {self.where}", retry_on=self._lost,
-                                          base=0.1, cap=2.0)
-                return result
-        except TimeoutError:
-            raise SendError(f"Redis at {self.where} did not take {what} within {timeout}s") from None
-        except self._redis_errors.RedisError as exc:
-            raise SendError(f"Redis at {self.where} refused {what}: {type(exc).__name__}: {exc}") from None
-
-    async def _add(self, key: str, message: Message, timeout: float | None = None, maxlen: int | None = None) -> None:
-        fields = _redis_fields(message)
-        await self._redo(f"the message to {key!r}",
-                         lambda: self._r.xadd(key, fields, maxlen=maxlen, approximate=True), timeout)
+    async def add(self, key: str, message: Message, timeout: float | None = None) -> None:
+        """XADD ``message`` to the stream ``key``, retrying a lost connection until the send timeout."""
+        fields = self._fields(message)
+        await self.sending(f"the message to {key!r}",
+                           lambda: self._r.xadd(key, fields, maxlen=self.maxlen, approximate=True), timeout)
 
 
-class RedisProducer(_RedisEndpoint, Producer):
+class RedisProducer(_RedisEndpoint, PumpedReplies):
     """Adds each message to the queue's stream (XADD); ``send`` returns once
-    Redis accepted it. How durable that is depends on the server: see the
-    README. Requests get replies on a stream of the requester's own, which
-    expires when unused. Options: see :class:`_RedisEndpoint`."""
+    Redis accepted it, and the sends of one turn of the event loop go in one
+    pipeline. How durable that is depends on the server: see the README.
+    Requests get replies on a stream of the requester's own, which expires
+    when unused. Options: see :class:`_RedisEndpoint`."""
 
-    async def _connect(self) -> None:
+    pipelined = True
+
+    async def connect(self) -> None:
         self._replies_ready = None
-        self._reply_pump: asyncio.Task[None] | None = None
+        self._reply_last = "0-0"
         await self._open()
 
-    async def _disconnect(self) -> None:
-        if self._reply_pump is not None:
-            pump, self._reply_pump = self._reply_pump, None  # the pump loops while it is set
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
-            if self._replies_ready is not None and self._replies_ready.done() \
-                    and self._replies_ready.exception() is None:
-                await _closing("deleting the reply stream", self._r.delete(self._replies_ready.result()))
-        await self._close_connection()
+    async def disconnect(self) -> None:
+        await self.stop_replies()
+        await super().disconnect()
 
-    async def _publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
-        await self._add(self.key, message, timeout, self.maxlen)
+    async def publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
+        await self.add(self.key, message, timeout)
 
-    async def _publish_many(self, batch: list[Message], timeout: float | None, **flags: Any) -> list[Any]:
+    async def publish_many(self, batch: list[Message], timeout: float | None, **flags: Any) -> list[Any]:
         # One pipeline, one round trip; on a lost connection the whole batch is sent again.
         async def add_all() -> list[Any]:
             pipe = self._r.pipeline(transaction=False)
             for message in batch:
-                pipe.xadd(self.key, _redis_fields(message), maxlen=self.maxlen, approximate=True)
+                pipe.xadd(self.key, self._fields(message), maxlen=self.maxlen, approximate=True)
             result: list[Any] = await pipe.execute(raise_on_error=False)
             return result
 
         try:
-            outcomes = await self._redo(f"{len(batch)} messages to {self.key!r}", add_all, timeout)
+            outcomes = await self.sending(f"{len(batch)} messages to {self.key!r}", add_all, timeout)
         except SendError as exc:
             return [exc] * len(batch)
-        return [SendError(f"Redis refused the message: {o}") if isinstance(o, Exception) else None for o in outcomes]
+        return [SendError(f"Redis at {self.where} refused the message: {self.cause(o)}")
+                if isinstance(o, Exception) else None for o in outcomes]
 
-    async def _listen_for_replies(self) -> str:
-        key = f"streamtools:reply:{_new_id()}"
-        self._reply_pump = asyncio.create_task(self._pump_replies(key))
-        return key
+    async def open_replies(self) -> str:
+        return f"streamtools:reply:{_new_id()}"
 
-    async def _pump_replies(self, key: str) -> None:
-        last = "0-0"
-        await asyncio.sleep(0)  # _reply_pump is set by now
-        while self._reply_pump is not None:
-            try:
-                found = await self._r.xread({key: last}, block=1000, count=100)
-            except self._lost as exc:
-                log.warning("reading replies from Redis at %s failed (%r); retrying", self.where, exc)
-                await asyncio.sleep(0.5)
-                continue
-            for _, entries in found or ():
-                for entry_id, fields in entries:
-                    last = entry_id
-                    headers = _json_decode(fields[_R_HEADERS]) if _R_HEADERS in fields else {}
-                    self._on_reply(_redis_text(fields, _R_CORRELATION), fields.get(_R_DATA, b""),
-                                   _redis_text(fields, _R_TYPE) or BINARY, headers)
+    async def read_replies(self, address: str) -> list[Message]:
+        found = await self._r.xread({address: self._reply_last}, block=1000, count=100)
+        replies = []
+        for _, entries in found or ():
+            for entry_id, fields in entries:
+                self._reply_last = entry_id
+                with contextlib.suppress(_Unreadable):
+                    replies.append(_redis_message(entry_id, fields))
+        return replies
+
+    async def close_replies(self, address: str) -> None:
+        await self._r.delete(address)
 
 
-class RedisConsumer(_RedisEndpoint, Consumer):
+class RedisConsumer(_RedisEndpoint, PullingConsumer):
     """Consumes the queue's stream as a member of one consumer group named
     after the queue. Entries are acknowledged (XACK, and deleted: the stream
     is a work queue) only after their handler returned. Entries a member left
@@ -4353,7 +4763,9 @@ class RedisConsumer(_RedisEndpoint, Consumer):
     members (XAUTOCLAIM); a member restarted under the same ``consumer_name``
     first takes back its own pending entries. A failed attempt stays pending
     and is claimed again after its backoff, so it holds no slot; its attempt
-    number is the entry's delivery count, which survives a crash.
+    number is the entry's delivery count, which survives a crash. A server
+    that lost the stream (restarted without persistence) gets it and the
+    group made again, with a warning.
 
     :param claim_idle: seconds an entry may stay pending before another member takes it.
     :param consumer_name: this member's name in the group (default: host, process
@@ -4361,98 +4773,79 @@ class RedisConsumer(_RedisEndpoint, Consumer):
     Takes the options of :class:`RedisProducer` too.
     """
 
-    def _setup(self, *, claim_idle: float = 30.0, consumer_name: str | None = None, **options: Any) -> None:
-        super()._setup(**options)
+    def configure(self, *, claim_idle: float = 30.0, consumer_name: str | None = None, **options: Any) -> None:
+        super().configure(**options)
         self.claim_idle = _number("claim_idle", claim_idle, float, 0.01)
         self.group = self.queue_name
         self.consumer_name = consumer_name or f"{socket.gethostname()}-{os.getpid()}-{_new_id()}"
 
-    async def _connect(self) -> None:
-        self._in_flight = 0
-        self._room = asyncio.Event()
+    async def connect(self) -> None:
         self._acks: list[Any] = []
         self._acked = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
         self._retries: set[asyncio.TimerHandle] = set()
+        self._own = "0"  # first this member's own pending entries (a restart under the same name), then new ones
+        self._next_claim = 0.0
         await self._open()
+        await self._make_group()
+
+    async def _make_group(self) -> None:
         try:
             await self._r.xgroup_create(self.key, self.group, id="0", mkstream=True)
         except self._redis_errors.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
-                await self._close_connection()
+                await self.disconnect()
                 raise ConfigError(f"cannot create consumer group {self.group!r} on {self.key!r}: {exc}") from None
 
-    async def _start_intake(self) -> None:
-        self._inbox = _Inbox()
-        self._start_workers(self._inbox, None)
-        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._flush_acks())]
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        return [self._flush_acks()]
 
-    def _received(self, entry_id: bytes, fields: dict[bytes, Any], delivered: int) -> Message:
-        headers = _json_decode(fields[_R_HEADERS]) if _R_HEADERS in fields else {}
-        return Message(data=fields.get(_R_DATA, b""), content_type=_redis_text(fields, _R_TYPE) or BINARY,
-                       headers=headers, id=_redis_text(fields, _R_ID) or entry_id.decode(), queue=self.queue_name,
-                       correlation_id=_redis_text(fields, _R_CORRELATION), reply_to=_redis_text(fields, _R_REPLY_TO),
-                       attempt=delivered, redelivered=delivered > 1, raw=entry_id)
+    def received(self, raw: tuple[bytes, dict[bytes, bytes], int]) -> Message:
+        entry_id, fields, delivered = raw
+        message = _redis_message(entry_id, fields, self.queue_name)
+        message.attempt, message.redelivered = delivered, delivered > 1
+        return message
 
-    def _take(self, entries: list[Any], delivered: int | dict[bytes, int]) -> None:
+    async def fetch(self, room: int) -> list[Any]:
+        r = self._r
+        try:
+            if time.monotonic() >= self._next_claim:  # entries of members that died
+                self._next_claim = time.monotonic() + min(self.claim_idle / 2, 5.0)
+                _, claimed, *_ = await r.xautoclaim(self.key, self.group, self.consumer_name,
+                                                    int(self.claim_idle * 1000), "0-0", count=room)
+                if claimed:
+                    return await self._taken(claimed, None)
+            found = await r.xreadgroup(self.group, self.consumer_name, {self.key: self._own}, count=room,
+                                       block=None if self._own == "0" else 500)
+        except self._redis_errors.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            log.warning("Redis at %s has no stream %r or no group %r (it lost its data?); making them again",
+                        self.where, self.key, self.group)
+            await self._make_group()
+            return []
+        entries = found[0][1] if found else []
+        if self._own == "0":
+            if not entries:
+                self._own = ">"
+            return await self._taken(entries, None)
+        return await self._taken(entries, 1)
+
+    async def _taken(self, entries: list[Any], delivered: int | None) -> list[Any]:
+        """Entries with their delivery counts (for claimed ones, from the group's pending list)."""
+        taken = []
         for entry_id, fields in entries:
             if not fields:  # deleted meanwhile (acknowledged by another member)
                 continue
-            count = delivered if isinstance(delivered, int) else delivered.get(entry_id, 2)
-            self._in_flight += 1
-            self._inbox.put(self._received(entry_id, fields, count))
-
-    async def _counts(self, entries: list[Any]) -> dict[bytes, int]:
-        """Delivery counts of claimed entries, from the group's pending list."""
-        counts = {}
-        for entry_id, _ in entries:
-            pending = await self._r.xpending_range(self.key, self.group, entry_id, entry_id, 1)
-            if pending:
-                counts[entry_id] = pending[0]["times_delivered"]
-        return counts
-
-    async def _read(self) -> None:
-        low_water = max(1, self.prefetch // 4)
-        own = "0"  # first this member's own pending entries (a restart under the same name), then new ones
-        next_claim = time.monotonic()
-        while not self._stopping:
-            room = self.prefetch - self._in_flight
-            if room < low_water:
-                self._room.clear()
-                await self._room.wait()
-                continue
-            try:
-                if time.monotonic() >= next_claim:  # entries of members that died
-                    next_claim = time.monotonic() + min(self.claim_idle / 2, 5.0)
-                    _, claimed, *_ = await self._r.xautoclaim(self.key, self.group, self.consumer_name,
-                                                              int(self.claim_idle * 1000), "0-0", count=room)
-                    if claimed:
-                        self._take(claimed, await self._counts(claimed))
-                        continue
-                found = await self._r.xreadgroup(self.group, self.consumer_name, {self.key: own},
-                                                 count=room, block=None if own == "0" else 500)
-            except self._lost as exc:
-                log.warning("reading %r from Redis at %s failed (%r); retrying", self.queue_name, self.where, exc)
-                await asyncio.sleep(0.5)
-                continue
-            except self._redis_errors.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                await self._r.xgroup_create(self.key, self.group, id="0", mkstream=True)  # the stream was deleted
-                continue
-            entries = found[0][1] if found else []
-            if own == "0":
-                if not entries:
-                    own = ">"
-                    continue
-                self._take(entries, await self._counts(entries))
-            else:
-                self._take(entries, 1)
+            count = delivered
+            if count is None:
+                pending = await self._r.xpending_range(self.key, self.group, entry_id, entry_id, 1)
+                count = pending[0]["times_delivered"] if pending else 2
+            taken.append((entry_id, fields, count))
+        return taken
 
     async def _flush_acks(self) -> None:
         """Acknowledge finished entries in batches: XACK and XDEL, one round trip."""
-        # Loops on a flag: redis-py turns a cancellation inside a command into a ConnectionError.
-        while not self._stopping:
+        while not _cancelling():  # redis-py turns a cancellation inside a command into a ConnectionError
             await self._acked.wait()
             self._acked.clear()
             await self._flush()
@@ -4466,40 +4859,27 @@ class RedisConsumer(_RedisEndpoint, Consumer):
             pipe.xack(self.key, self.group, *ids)
             pipe.xdel(self.key, *ids)
             await pipe.execute()
-        except self._lost as exc:  # unacknowledged: claimed again after claim_idle, handled twice at worst
-            log.warning("acknowledging %d entries of %r on Redis at %s failed (%r); they will be delivered again",
-                        len(ids), self.queue_name, self.where, exc)
+        except BaseException as exc:  # kept, for the next flush (the one at disconnect)
+            self._acks[:0] = ids
+            if not isinstance(exc, self.lost):
+                raise
+            log.warning("acknowledging %d entries of %r on Redis at %s failed (%r); retrying", len(ids),
+                        self.queue_name, self.where, exc)
 
-    def _settled(self) -> None:
-        self._in_flight -= 1
-        self._room.set()
-
-    async def _stop_intake(self) -> None:
-        self._acked.set()  # wakes the ack flusher, which sees _stopping
-        self._room.set()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def unstarted(self, raws: list[Any]) -> None:
+        """Read, not started: pending, so claimed again (or read again on a restart)."""
         for handle in self._retries:
             handle.cancel()
-        await self._stop_workers()
-        self._inbox.items.clear()  # read, not started: pending, so claimed again (or re-read on restart)
 
-    async def _disconnect(self) -> None:
+    async def disconnect(self) -> None:
         await self._flush()
-        await self._close_connection()
+        await super().disconnect()
 
-    async def _ack(self, message: Message) -> None:
-        self._settled()
+    async def acknowledge(self, message: Message) -> None:
         self._acks.append(message.raw)
         self._acked.set()
 
-    async def _requeue(self, message: Message) -> None:
-        self._settled()  # left pending: another member claims it after claim_idle
-
-    async def _retry_later(self, message: Message, delay: float) -> bool:
-        self._settled()
-
+    async def hold(self, message: Message, delay: float) -> bool:
         def due() -> None:
             self._retries.discard(handle)
             if not self._stopping:
@@ -4512,30 +4892,27 @@ class RedisConsumer(_RedisEndpoint, Consumer):
     async def _reclaim(self, message: Message) -> None:
         try:
             claimed = await self._r.xclaim(self.key, self.group, self.consumer_name, 0, [message.raw])
-        except self._lost as exc:
+        except self.lost as exc:
             log.warning("could not take back entry %s of %r (%r); another member claims it after claim_idle",
                         message.id, self.queue_name, exc)
             return
-        self._take(claimed, message.attempt + 1)
+        taken = await self._taken(claimed, message.attempt + 1)
+        self._in_flight += len(taken)
+        self._inbox.put_many(taken)
 
-    async def _dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
-        await self._add(f"streamtools:{self.dead_letter_queue}", Message(
-            data=message.data, content_type=message.content_type, headers=headers, id=message.id,
-            correlation_id=message.correlation_id))
+    async def send_to(self, queue: str, message: Message) -> None:
+        await self.add(f"streamtools:{queue}", message)
 
-    async def _reply(self, message: Message, result: Any, error: str | None) -> None:
-        data, content_type, headers = _reply_payload(result, error)
-        reply = Message(data=data, content_type=content_type, headers=headers, id=_new_id(),
-                        correlation_id=message.correlation_id)
-        key, fields = message.reply_to or "", _redis_fields(reply)
+    async def send_reply(self, address: str, reply: Message) -> None:
+        fields = self._fields(reply)
 
         async def send() -> Any:
             pipe = self._r.pipeline(transaction=False)
-            pipe.xadd(key, fields, maxlen=1000, approximate=True)
-            pipe.expire(key, _REPLY_TTL)  # a requester that went away leaves nothing behind for long
+            pipe.xadd(address, fields, maxlen=1000, approximate=True)
+            pipe.expire(address, _REPLY_TTL)  # a requester that went away leaves nothing behind for long
             return await pipe.execute()
 
-        await self._redo(f"the reply to {key!r}", send)
+        await self.sending(f"the reply to {address!r}", send)
 
     async def delete_queues(self) -> None:
         """Delete the queue's stream (with its group) and its dead-letter stream."""
@@ -4543,7 +4920,7 @@ class RedisConsumer(_RedisEndpoint, Consumer):
         try:
             await self._r.delete(self.key, f"streamtools:{self.dead_letter_queue}")
         finally:
-            await self._close_connection()
+            await _RedisEndpoint.disconnect(self)
 
 
 ###############################################################################
@@ -4551,13 +4928,15 @@ class RedisConsumer(_RedisEndpoint, Consumer):
 ###############################################################################
 
 
-class _Registry(Mapping[str, type[_T]]):
-    """Transport classes by name: case-insensitive, with aliases. Read-only:
-    :func:`register_transport` adds to it."""
+class _Registry(MutableMapping[str, type[_T]]):
+    """Transport classes by name: case-insensitive, with aliases.
+    :func:`register_transport` adds both sides of a transport; the legacy
+    ``PRODUCERS["X"] = cls`` (and ``del``) sets one side, checked the same way."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: type) -> None:
         self._classes: dict[str, type[_T]] = {}
         self.aliases: dict[str, str] = {}
+        self._kind = kind
 
     def canonical(self, name: Any) -> str:
         """The registered name for ``name`` or one of its aliases.
@@ -4576,6 +4955,23 @@ class _Registry(Mapping[str, type[_T]]):
 
     def __getitem__(self, name: Any) -> type[_T]:
         return self._classes[self.canonical(name)]
+
+    def __setitem__(self, name: str, cls: type[_T]) -> None:
+        """Legacy: register ``cls`` under ``name`` (it may be another name of a registered class)."""
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"a transport name must be a non-empty string, got {name!r}")
+        if not (isinstance(cls, type) and issubclass(cls, self._kind)):
+            raise ConfigError(f"{name!r} must be a subclass of streamtools.{self._kind.__name__}, got {cls!r}")
+        if "transport" not in cls.__dict__:  # a new class; another name of a registered one keeps its own
+            cls.transport = name  # type: ignore[attr-defined]
+        self._add(name, cls, ())
+        _known_flags.update(getattr(cls, "send_flags", ()), getattr(cls, "handler_flags", ()))
+
+    def __delitem__(self, name: str) -> None:
+        canonical = self.canonical(name)
+        del self._classes[canonical]
+        for alias in [alias for alias, target in self.aliases.items() if target == canonical]:
+            del self.aliases[alias]
 
     def __contains__(self, name: object) -> bool:
         try:
@@ -4600,9 +4996,9 @@ class _Registry(Mapping[str, type[_T]]):
 
 
 #: Producer classes by transport name (``PRODUCERS[RABBITMQ]``, ``PRODUCERS["rabbitmq"]``).
-PRODUCERS: _Registry[Producer] = _Registry()
+PRODUCERS: _Registry[Producer] = _Registry(Producer)
 #: Consumer classes by transport name; ``CONSUMERS`` is the same object.
-CONSUMER_LOOPS: _Registry[Consumer] = _Registry()
+CONSUMER_LOOPS: _Registry[Consumer] = _Registry(Consumer)
 CONSUMERS = CONSUMER_LOOPS
 
 
@@ -5046,6 +5442,7 @@ class ConsumerRunner:
                     await consumer.start()
                     started.append(consumer)
                     self.port = consumer.port = consumer._server.port  # type: ignore[attr-defined]
+            self._watch()  # before the others connect: /readyz says 503 until every one consumes
             others = [c for c in self.consumers if not c.listens]
             results = await asyncio.gather(*(c.start() for c in others), return_exceptions=True)
             started += [c for c, result in zip(others, results) if result is None]
@@ -5056,10 +5453,12 @@ class ConsumerRunner:
             await asyncio.gather(*(c.stop() for c in started), return_exceptions=True)
             await self._release_server()
             raise
+        self._started = True
+
+    def _watch(self) -> None:
         server = self._server or next((c._server for c in self.consumers if c.listens), None)  # type: ignore
         if server is not None:
-            server.watched.extend(self.consumers)
-        self._started = True
+            server.watched.extend(c for c in self.consumers if c not in server.watched)
 
     async def _release_server(self) -> None:
         if self._server is not None:
@@ -5086,13 +5485,26 @@ class ConsumerRunner:
         await self.stop()
 
     async def serve(self) -> None:
-        """Serve until SIGINT or SIGTERM, then stop gracefully."""
+        """Serve until SIGINT or SIGTERM, then stop gracefully. A signal while
+        the consumers are still connecting (a broker is down) stops at once."""
         stop = asyncio.Event()
-        async with _signals_set(stop), self:
-            where = f" on {self.host}:{self.port}" if any(c.listens for c in self.consumers) else ""
-            log.info("serving %d consumer(s)%s; SIGINT or SIGTERM stops", len(self.consumers), where)
-            await stop.wait()
-            log.info("stopping")
+        async with _signals_set(stop):
+            starting, stopping = asyncio.ensure_future(self.start()), asyncio.ensure_future(stop.wait())
+            await asyncio.wait((starting, stopping), return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                log.info("stopping before every consumer connected")
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+                return
+            stopping.cancel()
+            starting.result()  # a failed start raises here
+            try:
+                where = f" on {self.host}:{self.port}" if any(c.listens for c in self.consumers) else ""
+                log.info("serving %d consumer(s)%s; SIGINT or SIGTERM stops", len(self.consumers), where)
+                await stop.wait()
+                log.info("stopping")
+            finally:
+                await self.stop()
 
     def run(self) -> None:
         """Block serving until SIGINT or SIGTERM; then stop gracefully and
@@ -5195,7 +5607,7 @@ async def bench(kind: str = MEMORY, n: int = 10000, size: int = 100, concurrency
     producer: Producer | None = None
     try:
         await consumer.start()
-        producer = producer_cls(queue, **consumer._producer_options(), **options)
+        producer = producer_cls(queue, **consumer.producer_options(), **options)
         await producer.a_init()
         started = clock()
         reporter = asyncio.create_task(report())
@@ -5393,7 +5805,7 @@ async def _demo(runner: ConsumerRunner, kind: str, to: dict[str, Producer], done
     async with runner:
         for consumer in runner.consumers:
             to[consumer.queue_name.rpartition(".")[2]] = PRODUCERS[kind](
-                consumer.queue_name, **{**options, **consumer._producer_options()})
+                consumer.queue_name, **{**options, **consumer.producer_options()})
         try:
             print(f"demo on the {kind} transport: orders -> pricing (request/reply) -> notifications")
             for number, (item, quantity) in enumerate([("apple", 4), ("pear", 2), ("plum", 10)], 1):
