@@ -1407,7 +1407,7 @@ class Producer(_Endpoint):
         self._replies: dict[str, _ReplyFuture] = {}
         self._replies_ready: asyncio.Future[str] | None = None
         self._closed = False
-        self._turn: dict[tuple[Any, ...], list[tuple[Message, asyncio.Future[Any]]]] = {}
+        self._turn: dict[tuple[Any, ...], list[tuple[Message, asyncio.Future[Any] | None]]] = {}
         self._batches: set[asyncio.Task[None]] = set()
 
     def _message(self, msg: Any, headers_tag: str | None, header_tag: str | None,
@@ -1490,47 +1490,55 @@ class Producer(_Endpoint):
 
     async def _in_turn(self, message: Message, timeout: float | None, **flags: Any) -> Any:
         """Publish ``message`` with the other sends of this turn of the event
-        loop, in one :meth:`publish_many` when the turn ends (no timer: a lone
-        send goes at once); its result or error is this caller's own."""
+        loop, in one :meth:`publish_many`: the first send of a turn yields
+        once, so the others join its batch, then publishes them all (no
+        timer: a lone send goes at once); each caller gets its own result or error."""
         key = (timeout, *sorted(flags.items()))
         batch = self._turn.get(key)
-        if batch is None:
-            if not self._turn:
-                asyncio.get_running_loop().call_soon(self._end_turn)
-            batch = self._turn[key] = []
-        future = asyncio.get_running_loop().create_future()
-        batch.append((message, future))
-        return await future
-
-    def _end_turn(self) -> None:
-        turn, self._turn = self._turn, {}
-        for (timeout, *flags), batch in turn.items():
-            task = asyncio.ensure_future(self._publish_turn(batch, timeout, dict(flags)))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
-
-    async def _publish_turn(self, batch: list[tuple[Message, asyncio.Future[Any]]], timeout: float | None,
-                            flags: dict[str, Any]) -> None:
-        results: list[Any]
+        if batch is not None:
+            future = asyncio.get_running_loop().create_future()
+            batch.append((message, future))
+            return await future
+        batch = self._turn[key] = []
         try:
-            if len(batch) == 1:
-                results = [await self.publish(batch[0][0], timeout, **flags)]
-            else:
-                results = await self.publish_many([message for message, _ in batch], timeout, **flags)
+            await asyncio.sleep(0)  # the other sends of this turn run now, and join the batch
+        finally:
+            del self._turn[key]
+            if batch and _cancelling():  # this caller gave up: the others' messages still go
+                task = asyncio.ensure_future(self._publish_turn(batch, timeout, flags))
+                self._batches.add(task)
+                task.add_done_callback(self._batches.discard)
+        if not batch:
+            return await self.publish(message, timeout, **flags)
+        results = await self._publish_turn([(message, None), *batch], timeout, flags)
+        if isinstance(results, BaseException):
+            raise results
+        return results
+
+    async def _publish_turn(self, batch: list[tuple[Message, asyncio.Future[Any] | None]], timeout: float | None,
+                            flags: dict[str, Any]) -> Any:
+        """Publish a turn's batch; hand each waiting caller its result; return the
+        result of the message without a future (the caller that publishes)."""
+        own: Any = None
+        try:
+            results = await self.publish_many([message for message, _ in batch], timeout, **flags)
         except Exception as exc:  # every caller of the batch gets it
             results = [exc] * len(batch)
-        except BaseException as exc:  # cancelled (the loop is closing): the callers are told, then it goes on
+        except BaseException:  # cancelled (the loop is closing): the callers are told
             for _, future in batch:
-                if not future.done():
+                if future is not None and not future.done():
                     future.set_exception(SendError(f"sending to {self.queue_name!r} was cancelled"))
-            raise exc
+            raise
         for (_, future), result in zip(batch, results):
-            if future.done():  # its caller was cancelled
+            if future is None:
+                own = result
+            elif future.done():  # its caller was cancelled
                 continue
-            if isinstance(result, BaseException):
+            elif isinstance(result, BaseException):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+        return own
 
     async def request(self, msg: Any, timeout: float = 5.0, *, headers_tag: str | None = None,
                       header_tag: str | None = None, content_type: str | None = None,
@@ -2210,6 +2218,7 @@ class BrokerEndpoint(_Endpoint):
     refused_hint: ClassVar[str] = "check the credentials"
 
     def configure(self, *, connect_timeout: float = 30.0, send_timeout: float = 30.0) -> None:
+        self.client_module()  # before its error types: a missing client is a MissingDependency
         self.connect_timeout = _number("connect_timeout", connect_timeout)
         self.send_timeout = _number("send_timeout", send_timeout, float, 0.001)
         self.lost = _error_types(self.lost_errors)
