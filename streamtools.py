@@ -3925,6 +3925,15 @@ class HTTPConsumer(Consumer):
 
 #: The envelope in record headers (bytes), beside the message's own headers.
 _KAFKA_ENVELOPE = _Envelope("content-type", "message-id", "correlation-id", "reply-to")
+# Delays and retries wait on the broker in tier topics, ``<queue>.delay.<n>s``: a record stays
+# at most n seconds in one (held by pausing its partition until then), so each tier's records
+# come due in the order they were written; a longer wait hops on through the tiers.
+_KAFKA_TIERS = (1, 30, 900)
+_K_DUE, _K_HOLD, _K_ATTEMPT = "x-st-due", "x-st-hold", "x-st-attempt"  # ms since the epoch; the next attempt
+
+
+def _kafka_tiers(queue: str) -> list[str]:
+    return [f"{queue}.delay.{tier}s" for tier in _KAFKA_TIERS]
 
 
 class _IdempotenceRefused(logging.Filter):
@@ -4018,6 +4027,19 @@ class _KafkaEndpoint(BrokerEndpoint):
 
         await self.ensure_once(topic, lambda: self._admin(create))
 
+    async def produce_later(self, queue: str, message: Message, due: float, attempt: int | None = None,
+                            timeout: float | None = None) -> None:
+        """Write ``message`` to the tier topic of ``queue`` that holds it
+        until ``due`` (ms since the epoch), or as close as a tier can."""
+        left = (due - time.time() * 1000) / 1000
+        tier = max((n for n in _KAFKA_TIERS if n <= left), default=_KAFKA_TIERS[0])
+        topic = f"{queue}.delay.{tier}s"
+        await self.ensure_topic(topic, partitions=1)
+        headers = {**message.headers, _K_DUE: str(int(due)), _K_HOLD: str(int(due - (left - min(tier, left)) * 1000))}
+        if attempt is not None:
+            headers[_K_ATTEMPT] = str(attempt)
+        await self.produce(topic, dataclasses.replace(message, headers=headers), timeout=timeout)
+
     async def delete_topics(self, *topics: str) -> None:
         self.forget(*topics)
         await self._admin(lambda admin: _closing(f"deleting topics {list(topics)}", admin.delete_topics(list(topics))))
@@ -4101,6 +4123,7 @@ class KafkaProducer(_KafkaEndpoint, PumpedReplies):
     send_flags = frozenset({"key"})
     tells_redelivery = False
     pipelined = True
+    delays = True
 
     async def connect(self) -> None:
         self._replies_ready = None
@@ -4112,11 +4135,17 @@ class KafkaProducer(_KafkaEndpoint, PumpedReplies):
         await self.stop_replies()
         await self._stop_producer()
 
-    async def publish(self, message: Message, timeout: float | None, key: Any = None, **flags: Any) -> None:
+    async def publish(self, message: Message, timeout: float | None, key: Any = None, delay: float | None = None,
+                      **flags: Any) -> None:
+        if delay:
+            await self.produce_later(self.queue_name, message, time.time() * 1000 + delay * 1000, timeout=timeout)
+            return
         await self.produce(self.queue_name, message, key, timeout)
 
     async def publish_many(self, batch: list[Message], timeout: float | None, key: Any = None,
-                           **flags: Any) -> list[Any]:
+                           delay: float | None = None, **flags: Any) -> list[Any]:
+        if delay:
+            return await super().publish_many(batch, timeout, delay=delay)
         # Every record into the producer's batches first, then wait for the acknowledgements together.
         topic, acks = self.queue_name, []
         send, errors = (await self._producing()).send, self._errors
@@ -4227,16 +4256,20 @@ class KafkaConsumer(_KafkaEndpoint, PullingConsumer):
         self.commit_interval = _number("commit_interval", commit_interval, float, 0.001)
 
     async def connect(self) -> None:
-        self._partitions: dict[int, _Offsets] = {}
+        self._partitions: dict[tuple[str, int], _Offsets] = {}
+        self._paused: dict[Any, asyncio.TimerHandle] = {}
         self._joined = asyncio.Event()
+        self.tiers = _kafka_tiers(self.queue_name)
         await self.ensure_topic(self.queue_name)
+        for tier in self.tiers:
+            await self.ensure_topic(tier, partitions=1)
         session_ms = int(self.session_timeout * 1000)
         self._consumer = self._aiokafka.AIOKafkaConsumer(
             group_id=self.group, enable_auto_commit=False, auto_offset_reset="earliest",
             session_timeout_ms=session_ms, heartbeat_interval_ms=max(100, session_ms // 3),
             max_poll_records=self.prefetch, fetch_max_wait_ms=int(self.fetch_max_wait * 1000),
             **self._client_options)
-        self._consumer.subscribe([self.queue_name], listener=self._rebalance_listener())
+        self._consumer.subscribe([self.queue_name, *self.tiers], listener=self._rebalance_listener())
         await self._started(self._consumer, f"consumer of group {self.group!r}")
 
     def _rebalance_listener(self) -> Any:
@@ -4246,11 +4279,14 @@ class KafkaConsumer(_KafkaEndpoint, PullingConsumer):
             async def on_partitions_revoked(self, revoked: Any) -> None:
                 await consumer._commit()  # what finished; the rest goes to the partition's new owner
                 for tp in revoked:
-                    consumer._partitions.pop(tp.partition, None)
+                    consumer._partitions.pop((tp.topic, tp.partition), None)
+                    held = consumer._paused.pop(tp, None)
+                    if held is not None:
+                        held.cancel()
 
             async def on_partitions_assigned(self, assigned: Any) -> None:
                 for tp in assigned:
-                    consumer._partitions.setdefault(tp.partition, _Offsets())
+                    consumer._partitions.setdefault((tp.topic, tp.partition), _Offsets())
                 consumer._joined.set()
 
         return Listener()
@@ -4275,13 +4311,69 @@ class KafkaConsumer(_KafkaEndpoint, PullingConsumer):
         return self._fetching and getattr(coordinator, "coordinator_id", 0) is not None
 
     def received(self, record: Any) -> Message:
-        return _kafka_message(record, self.queue_name)
+        message = _kafka_message(record, self.queue_name)
+        if record.topic != self.queue_name:  # from a tier: a delayed message, or a retry with its attempt
+            headers = message.headers
+            headers.pop(_K_DUE, None)
+            headers.pop(_K_HOLD, None)
+            message.attempt = int(headers.pop(_K_ATTEMPT, 1))
+            message.redelivered = message.attempt > 1
+        return message
 
     async def fetch(self, room: int) -> list[Any]:
         batches = await self._consumer.getmany(timeout_ms=200, max_records=room)
+        taken = []
         for tp, records in batches.items():
-            self._partitions.setdefault(tp.partition, _Offsets()).pending.extend(r.offset for r in records)
-        return [record for records in batches.values() for record in records]
+            offsets = self._partitions.setdefault((tp.topic, tp.partition), _Offsets())
+            if tp.topic != self.queue_name:
+                records = await self._due(tp, records, offsets)
+            else:
+                offsets.pending.extend(r.offset for r in records)
+            taken += records
+        return taken
+
+    async def _due(self, tp: Any, records: list[Any], offsets: _Offsets) -> list[Any]:
+        """The records of a tier's partition that are due, registered in
+        ``offsets`` (those due later hop to the next tier); at the first one
+        held longer, the partition pauses, read again from there when it is due."""
+        due = []
+        for record in records:
+            headers = dict(record.headers or ())
+            now = time.time() * 1000
+            hold = int(headers.get(_K_HOLD, b"0") or 0)
+            if hold > now:
+                self._hold_partition(tp, record.offset, (hold - now) / 1000)
+                break
+            until = int(headers.get(_K_DUE, b"0") or 0)
+            offsets.pending.append(record.offset)
+            if until <= now + 1:
+                due.append(record)
+                continue
+            message = _kafka_message(record, self.queue_name)
+            attempt = message.headers.pop(_K_ATTEMPT, None)
+            try:
+                await self.produce_later(self.queue_name, message, until, None if attempt is None else int(attempt))
+            except SendError as exc:
+                log.warning("moving a delayed record of %r on %s failed (%s); retrying", self.queue_name,
+                            self.where, exc)
+                offsets.pending.pop()
+                self._hold_partition(tp, record.offset, 1.0)
+                break
+            offsets.done(record.offset)
+        return due
+
+    def _hold_partition(self, tp: Any, offset: int, seconds: float) -> None:
+        self._consumer.pause(tp)
+        self._consumer.seek(tp, offset)
+
+        def resume() -> None:
+            if self._paused.pop(tp, None) is not None and tp in self._consumer.assignment():
+                self._consumer.resume(tp)
+
+        held = self._paused.pop(tp, None)
+        if held is not None:
+            held.cancel()
+        self._paused[tp] = asyncio.get_running_loop().call_later(seconds, resume)
 
     async def _commit_every(self) -> None:
         while True:
@@ -4293,7 +4385,7 @@ class KafkaConsumer(_KafkaEndpoint, PullingConsumer):
         due = {p: o.commit for p, o in self._partitions.items() if o.commit is not None}
         if not due:
             return
-        tps = {self._aiokafka.TopicPartition(self.queue_name, p): offset for p, offset in due.items()}
+        tps = {self._aiokafka.TopicPartition(*p): offset for p, offset in due.items()}
         try:
             await self._consumer.commit(tps)
         except self._errors.KafkaError as exc:  # a rebalance: the partitions' new owners redeliver
@@ -4306,14 +4398,26 @@ class KafkaConsumer(_KafkaEndpoint, PullingConsumer):
                 offsets.commit = None
 
     async def disconnect(self) -> None:
+        for held in self._paused.values():
+            held.cancel()
         await self._commit()
         await _closing(f"leaving group {self.group!r}", self._consumer.stop())
         await self._stop_producer()
 
     async def acknowledge(self, message: Message) -> None:
-        offsets = self._partitions.get(message.raw.partition)
+        offsets = self._partitions.get((message.raw.topic, message.raw.partition))
         if offsets is not None:  # else revoked: its new owner has the record again
             offsets.done(message.raw.offset)
+
+    async def hold(self, message: Message, delay: float) -> bool:
+        try:
+            await self.produce_later(self.queue_name, message, time.time() * 1000 + delay * 1000, message.attempt + 1)
+        except SendError as exc:
+            log.warning("could not write message %s of %r to a retry topic (%s); it waits here", message.id,
+                        self.queue_name, exc)
+            return False
+        await self.acknowledge(message)
+        return True
 
     async def send_to(self, queue: str, message: Message) -> None:
         await self.ensure_topic(queue)
@@ -4323,8 +4427,8 @@ class KafkaConsumer(_KafkaEndpoint, PullingConsumer):
         await self.produce(address, reply)
 
     async def delete_queues(self) -> None:
-        """Delete the queue's topic and its dead-letter topic."""
-        await self.delete_topics(self.queue_name, self.dead_letter_queue)
+        """Delete the queue's topic, its tier topics and its dead-letter topic."""
+        await self.delete_topics(self.queue_name, *_kafka_tiers(self.queue_name), self.dead_letter_queue)
 
 
 ###############################################################################
