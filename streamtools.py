@@ -4440,6 +4440,8 @@ _NATS_ENVELOPE = _Envelope("Content-Type", "Nats-Msg-Id", "X-Correlation-Id", "X
 #: The message id, where Nats-Msg-Id cannot be it (a dead letter: JetStream would drop it as a
 #: duplicate of an earlier dead letter of the same message).
 _N_MESSAGE_ID = "X-Message-Id"
+#: When a delayed message is due (ms since the epoch), in the queue's delay stream.
+_N_DUE = "X-St-Due"
 
 
 def _nats_name(queue: str) -> str:
@@ -4472,6 +4474,9 @@ class _NATSEndpoint(BrokerEndpoint):
         nats-py fails over between them and reconnects by itself.
     :param user: with ``password``; or ``token``; never shown in logs or errors.
     :param tls: an ``ssl.SSLContext`` (or use ``tls://`` URLs).
+    :param replicas: copies of each stream the queue uses (the queue's, its
+        delay and dead-letter streams) in a JetStream cluster: 3 to ride out a
+        server's loss; a stream that exists keeps its own.
     Takes ``connect_timeout`` and ``send_timeout`` (see :class:`BrokerEndpoint`).
     """
 
@@ -4487,8 +4492,9 @@ class _NATSEndpoint(BrokerEndpoint):
 
     def configure(self, *, servers: str | Sequence[str] | None = None, user: str | None = None,
                   password: str | None = None, token: str | None = None, tls: ssl.SSLContext | None = None,
-                  **options: Any) -> None:
+                  replicas: int = 1, **options: Any) -> None:
         super().configure(**options)
+        self.replicas = _number("replicas", replicas, int, 1)
         self._nats = self.client_module()
         self._js_errors = self.client_module("nats.js.errors")
         self.address = _addresses(servers, ("NATS_URL",), "nats://localhost:4222", "NATS",
@@ -4499,6 +4505,9 @@ class _NATSEndpoint(BrokerEndpoint):
         self._credentials = {k: v for k, v in credentials.items() if v is not None}
         self.subject = _nats_subject(self.queue_name)
         self.stream = _nats_name(self.queue_name)
+        # Delayed messages wait in a stream of their own (no queue name has a space; no queue's
+        # subject starts with "streamtools-delay.").
+        self.delay_stream, self.delay_subject = _nats_name(f"{self.queue_name} delay"), f"streamtools-delay.{self.queue_name}"
         self._nc: Any = None
 
     async def _open(self) -> None:
@@ -4524,7 +4533,8 @@ class _NATSEndpoint(BrokerEndpoint):
     async def ensure_stream(self, stream: str, subject: str) -> None:
         async def create() -> None:
             try:
-                await self._js.add_stream(name=stream, subjects=[subject], retention="workqueue", storage="file")
+                await self._js.add_stream(name=stream, subjects=[subject], retention="workqueue", storage="file",
+                                          num_replicas=self.replicas)
             except self._js_errors.BadRequestError as exc:  # it exists with other settings
                 info = await self._js.stream_info(stream)
                 if subject not in (info.config.subjects or []):
@@ -4562,6 +4572,7 @@ class NATSProducer(_NATSEndpoint, Producer):
     for the replies. Options: see :class:`_NATSEndpoint`."""
 
     pipelined = True
+    delays = True
 
     async def connect(self) -> None:
         self._replies_ready = None
@@ -4572,31 +4583,56 @@ class NATSProducer(_NATSEndpoint, Producer):
             await self.disconnect()
             raise
 
-    async def publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
+    async def _delayed(self, delay: float) -> tuple[str, Callable[[Message], dict[str, str]]]:
+        """The delay stream's subject, and the headers of a message due in ``delay`` seconds."""
+        await self.ensure_stream(self.delay_stream, self.delay_subject)
+        due = str(int((time.time() + delay) * 1000))
+        return self.delay_subject, lambda message: {**_NATS_ENVELOPE.pairs(message), _N_DUE: due}
+
+    async def publish(self, message: Message, timeout: float | None, delay: float | None = None,
+                      **flags: Any) -> None:
+        if delay:
+            subject, pairs = await self._delayed(delay)
+            await self.js_publish(subject, message.data, pairs(message), timeout)
+            return
         await self.js_publish(self.subject, message.data, _NATS_ENVELOPE.pairs(message), timeout)
 
-    async def publish_many(self, batch: list[Message], timeout: float | None, **flags: Any) -> list[Any]:
+    async def publish_many(self, batch: list[Message], timeout: float | None, delay: float | None = None,
+                           **flags: Any) -> list[Any]:
         # Pipelined: every message out at once, then the PubAcks together; one that failed is
         # sent again on its own, with the retries of send (its Nats-Msg-Id drops a duplicate).
-        js, subject, pairs = self._js, self.subject, _NATS_ENVELOPE.pairs
+        js, subject = self._js, self.subject
+        pairs: Callable[[Message], dict[str, str]] = _NATS_ENVELOPE.pairs
+        if delay:
+            subject, pairs = await self._delayed(delay)
         acks = []
         for message in batch:
             try:
                 acks.append(await js.publish_async(subject, message.data, headers=pairs(message)))
             except self.failures as exc:
                 acks.append(exc)
-        outcomes = await asyncio.gather(*(a for a in acks if not isinstance(a, BaseException)),
-                                        return_exceptions=True)
+        waiting = [a for a in acks if not isinstance(a, BaseException)]
+        late = False
+        try:  # nats-py's acknowledgements have no timeout of their own
+            async with asyncio.timeout(self.send_timeout if timeout is None else timeout):
+                outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+        except TimeoutError:  # no time left to send again: the unacknowledged ones fail
+            late = True
+            outcomes = [a.exception() if a.done() and not a.cancelled() else
+                        SendError(f"NATS at {self.where} did not acknowledge the message to {subject!r} within "
+                                  f"{self.send_timeout if timeout is None else timeout}s") for a in waiting]
         pending = iter(outcomes)
         results: list[Any] = []
         for message, ack in zip(batch, acks):
             outcome = ack if isinstance(ack, BaseException) else next(pending)
-            if isinstance(outcome, BaseException):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, SendError) and not late:
                 try:
-                    await self.publish(message, timeout)
+                    await self.js_publish(subject, message.data, pairs(message), timeout)
                     outcome = None
                 except SendError as exc:
                     outcome = exc
+            elif isinstance(outcome, BaseException) and not isinstance(outcome, SendError):
+                outcome = SendError(f"NATS at {self.where} refused the message to {subject!r}: {self.cause(outcome)}")
             results.append(outcome if isinstance(outcome, BaseException) else None)
         return results
 
@@ -4640,12 +4676,45 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
                                         max_deliver=-1, filter_subject=self.subject)
             self._sub = await self._js.pull_subscribe(self.subject, durable=self.stream, stream=self.stream,
                                                       config=config)
+            await self.ensure_stream(self.delay_stream, self.delay_subject)
+            config = api.ConsumerConfig(durable_name=self.delay_stream, ack_policy=api.AckPolicy.EXPLICIT,
+                                        ack_wait=30.0, max_ack_pending=-1, max_deliver=-1,
+                                        filter_subject=self.delay_subject)
+            self._delay_sub = await self._js.pull_subscribe(self.delay_subject, durable=self.delay_stream,
+                                                          stream=self.delay_stream, config=config)
         except BaseException:
             await self.disconnect()
             raise
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
-        return [self._keep_in_progress()]
+        return [self._keep_in_progress(), self._move_due()]
+
+    async def _move_due(self) -> None:
+        """Publish delayed messages to the queue's stream when they are due;
+        the server holds each one until then (a nak with that delay)."""
+        while True:
+            try:
+                msgs = await self._delay_sub.fetch(batch=100, timeout=1.0)
+            except self._nats.errors.TimeoutError:
+                continue
+            except self.lost + self.failures as exc:
+                log.warning("reading delayed messages of %r on %s failed (%r); retrying", self.queue_name,
+                            self.where, exc)
+                await asyncio.sleep(1.0)
+                continue
+            now = time.time() * 1000
+            for msg in msgs:
+                headers = dict(msg.headers or {})
+                left = (int(headers.pop(_N_DUE, 0) or 0) - now) / 1000
+                try:
+                    if left > 0.002:
+                        await msg.nak(delay=left)
+                        continue
+                    await self.js_publish(self.subject, msg.data, headers)
+                    await msg.ack()
+                except (SendError,) + self.lost + self.failures as exc:  # it comes back after ack_wait
+                    log.warning("moving a delayed message of %r on %s failed (%r); it is tried again",
+                                self.queue_name, self.where, exc)
 
     def connected(self) -> bool:
         return self._nc is not None and bool(self._nc.is_connected)
@@ -4717,15 +4786,15 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
         await self._nc.publish(address, reply.data, headers=_NATS_ENVELOPE.pairs(reply))
 
     async def delete_queues(self) -> None:
-        """Delete the queue's stream and its dead-letter stream."""
+        """Delete the queue's stream, its delay stream and its dead-letter stream."""
         await self._open()
         try:
-            for queue in (self.queue_name, self.dead_letter_queue):
+            for stream in (self.stream, self.delay_stream, _nats_name(self.dead_letter_queue)):
                 try:
-                    await self._js.delete_stream(_nats_name(queue))
+                    await self._js.delete_stream(stream)
                 except self._js_errors.NotFoundError:
                     pass
-                self.forget(_nats_name(queue))
+                self.forget(stream)
         finally:
             await self.disconnect()
 
@@ -4738,6 +4807,30 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
 #: one JSON object in ``headers``, so their types survive.
 _REDIS_ENVELOPE = _Envelope("content-type", "id", "correlation-id", "reply-to", nested="headers")
 _REPLY_TTL = 60  # seconds a requester's reply stream outlives its last reply
+# Delayed entries wait in a sorted set by due time (the server's clock), each one's fields in a
+# hash beside it; consumers move those due into the stream, atomically, so each moves once.
+_REDIS_DELAY = """
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1] .. ':' .. ARGV[2], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1]), ARGV[2])
+"""
+_REDIS_MOVE_DUE = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)
+for _, id in ipairs(due) do
+  local fields = redis.call('HGETALL', KEYS[1] .. ':' .. id)
+  if #fields > 0 then
+    if ARGV[1] ~= '' then redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', unpack(fields))
+    else redis.call('XADD', KEYS[2], '*', unpack(fields)) end
+  end
+  redis.call('DEL', KEYS[1] .. ':' .. id)
+  redis.call('ZREM', KEYS[1], id)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if nxt[2] then return tonumber(nxt[2]) - now end
+return -1
+"""
 
 
 def _redis_message(entry_id: bytes, fields: dict[bytes, bytes], queue: str = "") -> Message:
