@@ -4854,13 +4854,38 @@ def _redis_message(entry_id: bytes, fields: dict[bytes, bytes], queue: str = "")
                    queue=queue, correlation_id=correlation_id, reply_to=reply_to, raw=entry_id)
 
 
+def _sentinels(url: str) -> tuple[_Address, tuple[list[tuple[str, int]], str, int]]:
+    """The sentinels, master name and database of a ``redis+sentinel://`` URL.
+
+    :raises ConfigError: it names no sentinel or no master.
+    """
+    rest = url[len("redis+sentinel://"):]
+    netloc, _, path = rest.partition("/")
+    login, _, hosts = netloc.rpartition("@")
+    master, _, db = path.partition("/")
+    names = [host for host in hosts.split(",") if host]
+    if not master or not names or (db and not db.isdigit()):
+        raise ConfigError(f"a Sentinel URL is redis+sentinel://host:port,host:port/<master name>[/<db>], "
+                          f"got {_redact(url)!r}")
+    addresses = _addresses([f"redis://{login + '@' if login else ''}{host}" for host in names],
+                           (), "", "Redis Sentinel", ("redis",), 26379)
+    return addresses, (addresses.hosts, master, int(db or 0))
+
+
 class _RedisEndpoint(BrokerEndpoint):
     """The settings and the connection both Redis classes share.
 
     :param url: ``redis://`` or ``rediss://`` (TLS) URL with the database,
-        and credentials if any (never shown); else ``REDIS_URL``.
+        and credentials if any (never shown); else ``REDIS_URL``. With Sentinel:
+        ``redis+sentinel://[user:password@]host:port,host:port/<master name>[/<db>]``
+        (the sentinels' addresses; redis-py's ``Sentinel`` finds the master,
+        and finds it again after a failover).
     :param maxlen: trim the stream to about this many entries on each send
         (approximate, as Redis trims whole nodes); entries beyond it are lost.
+    :param wait_replicas: ``send`` returns only once this many replicas have
+        the entry (``WAIT``), so a master's death loses nothing it confirmed;
+        else :class:`SendError` after ``wait_timeout`` seconds (the entry may
+        still be delivered). 0, the default: the master's memory only.
     Takes ``connect_timeout`` and ``send_timeout`` (see :class:`BrokerEndpoint`).
     """
 
@@ -4872,20 +4897,36 @@ class _RedisEndpoint(BrokerEndpoint):
     client_errors = ("redis.exceptions.RedisError",)
     refused_hint = "check the user and password in the URL, or REDIS_URL"
 
-    def configure(self, *, url: str | None = None, maxlen: int | None = None, **options: Any) -> None:
+    def configure(self, *, url: str | None = None, maxlen: int | None = None, wait_replicas: int = 0,
+                  wait_timeout: float = 2.0, **options: Any) -> None:
         super().configure(**options)
         self._redis = self.client_module("redis.asyncio")
         self._redis_errors = self.client_module("redis.exceptions")
-        self.address = _addresses(url, ("REDIS_URL",), "redis://localhost:6379/0", "Redis",
-                                  ("redis", "rediss", "unix"), 6379)
+        url = url or os.environ.get("REDIS_URL") or "redis://localhost:6379/0"
+        self.sentinel: tuple[list[tuple[str, int]], str, int] | None = None
+        if url.startswith("redis+sentinel://"):
+            self.address, self.sentinel = _sentinels(url)
+        else:
+            self.address = _addresses(url, (), "", "Redis", ("redis", "rediss", "unix"), 6379)
         self.url = self.address.urls[0]
+        self.wait_replicas = _number("wait_replicas", wait_replicas, int, 0)
+        self.wait_timeout = _number("wait_timeout", wait_timeout, float, 0.001)
         self.maxlen = None if maxlen is None else _number("maxlen", maxlen, int, 1)
         self.key = f"streamtools:{self.queue_name}"
+        self.delayed = f"streamtools-delayed:{self.queue_name}"
         self._r: Any = None
 
     async def _open(self) -> None:
-        self._r = self._redis.Redis.from_url(self.url, socket_connect_timeout=min(5.0, max(0.5, self.connect_timeout)),
-                                             health_check_interval=15)
+        timeouts = {"socket_connect_timeout": min(5.0, max(0.5, self.connect_timeout)), "health_check_interval": 15}
+        if self.sentinel is None:
+            self._r = self._redis.Redis.from_url(self.url, **timeouts)
+        else:
+            hosts, master, db = self.sentinel
+            parts = urllib.parse.urlsplit(self.url)
+            login = {"username": parts.username, "password": parts.password}
+            sentinel = self.client_module("redis.asyncio.sentinel").Sentinel(
+                hosts, sentinel_kwargs={"socket_connect_timeout": timeouts["socket_connect_timeout"]}, **timeouts)
+            self._r = sentinel.master_for(master, db=db, **timeouts, **{k: v for k, v in login.items() if v})
         try:
             await self.connecting(self._r.ping)
         except BaseException:
@@ -4900,11 +4941,41 @@ class _RedisEndpoint(BrokerEndpoint):
     def _fields(self, message: Message) -> dict[str, Any]:
         return {"data": message.data, **_REDIS_ENVELOPE.pairs(message)}
 
+    def replicated(self, outcomes: list[Any], what: str) -> list[Any]:
+        """With ``wait_replicas``: the pipeline ended with a WAIT; its answer checked."""
+        if not self.wait_replicas:
+            return outcomes
+        copies = outcomes.pop()
+        if isinstance(copies, Exception) or copies < self.wait_replicas:
+            late = SendError(f"Redis at {self.where} has {what} but only {copies} of the {self.wait_replicas} "
+                             f"replicas asked for confirmed it within {self.wait_timeout}s (it may still be "
+                             "delivered)")
+            return [late if not isinstance(o, Exception) else o for o in outcomes]
+        return outcomes
+
     async def add(self, key: str, message: Message, timeout: float | None = None) -> None:
-        """XADD ``message`` to the stream ``key``, retrying a lost connection until the send timeout."""
+        """XADD ``message`` to the stream ``key`` (then WAIT for the replicas
+        asked for), retrying a lost connection until the send timeout."""
         fields = self._fields(message)
-        await self.sending(f"the message to {key!r}",
-                           lambda: self._r.xadd(key, fields, maxlen=self.maxlen, approximate=True), timeout)
+        if not self.wait_replicas:
+            await self.sending(f"the message to {key!r}",
+                               lambda: self._r.xadd(key, fields, maxlen=self.maxlen, approximate=True), timeout)
+            return
+
+        async def add() -> list[Any]:
+            pipe = self._r.pipeline(transaction=False)
+            pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
+            pipe.wait(self.wait_replicas, int(self.wait_timeout * 1000))
+            return self.replicated(await pipe.execute(raise_on_error=False), "the message")
+
+        outcome = (await self.sending(f"the message to {key!r}", add, timeout))[0]
+        if isinstance(outcome, Exception):
+            raise outcome if isinstance(outcome, SendError) else \
+                SendError(f"Redis at {self.where} refused the message: {self.cause(outcome)}")
+
+    def delay_args(self, message: Message, delay: float) -> list[Any]:
+        """The arguments of the delaying script for ``message``: its delay in ms, a key, its fields."""
+        return [int(delay * 1000), _new_id(), *itertools.chain.from_iterable(self._fields(message).items())]
 
 
 class RedisProducer(_RedisEndpoint, PumpedReplies):
@@ -4915,34 +4986,47 @@ class RedisProducer(_RedisEndpoint, PumpedReplies):
     when unused. Options: see :class:`_RedisEndpoint`."""
 
     pipelined = True
+    delays = True
 
     async def connect(self) -> None:
         self._replies_ready = None
         self._reply_last = "0-0"
         await self._open()
+        self._delay_script = self._r.register_script(_REDIS_DELAY)
 
     async def disconnect(self) -> None:
         await self.stop_replies()
         await super().disconnect()
 
-    async def publish(self, message: Message, timeout: float | None, **flags: Any) -> None:
+    async def publish(self, message: Message, timeout: float | None, delay: float | None = None,
+                      **flags: Any) -> None:
+        if delay:
+            await self.sending(f"the delayed message to {self.key!r}", lambda: self._delay_script(
+                keys=[self.delayed], args=self.delay_args(message, delay)), timeout)
+            return
         await self.add(self.key, message, timeout)
 
-    async def publish_many(self, batch: list[Message], timeout: float | None, **flags: Any) -> list[Any]:
+    async def publish_many(self, batch: list[Message], timeout: float | None, delay: float | None = None,
+                           **flags: Any) -> list[Any]:
         # One pipeline, one round trip; on a lost connection the whole batch is sent again.
         async def add_all() -> list[Any]:
             pipe = self._r.pipeline(transaction=False)
             for message in batch:
-                pipe.xadd(self.key, self._fields(message), maxlen=self.maxlen, approximate=True)
-            result: list[Any] = await pipe.execute(raise_on_error=False)
-            return result
+                if delay:
+                    await self._delay_script(keys=[self.delayed], args=self.delay_args(message, delay), client=pipe)
+                else:
+                    pipe.xadd(self.key, self._fields(message), maxlen=self.maxlen, approximate=True)
+            if self.wait_replicas:
+                pipe.wait(self.wait_replicas, int(self.wait_timeout * 1000))
+            return self.replicated(await pipe.execute(raise_on_error=False), f"{len(batch)} messages")
 
         try:
             outcomes = await self.sending(f"{len(batch)} messages to {self.key!r}", add_all, timeout)
         except SendError as exc:
             return [exc] * len(batch)
-        return [SendError(f"Redis at {self.where} refused the message: {self.cause(o)}")
-                if isinstance(o, Exception) else None for o in outcomes]
+        return [o if isinstance(o, SendError) else SendError(f"Redis at {self.where} refused the message: "
+                                                              f"{self.cause(o)}") if isinstance(o, Exception) else None
+                for o in outcomes]
 
     async def open_replies(self) -> str:
         return f"streamtools:reply:{_new_id()}"
@@ -5003,7 +5087,20 @@ class RedisConsumer(_RedisEndpoint, PullingConsumer):
                 raise ConfigError(f"cannot create consumer group {self.group!r} on {self.key!r}: {exc}") from None
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
-        return [self._flush_acks()]
+        return [self._flush_acks(), self._move_due()]
+
+    async def _move_due(self) -> None:
+        """Move delayed entries into the stream when they are due, waking at
+        the next due time (checking at least twice a second for new ones)."""
+        move = self._r.register_script(_REDIS_MOVE_DUE)
+        while not _cancelling():
+            try:
+                left = await move(keys=[self.delayed, self.key], args=["" if self.maxlen is None else self.maxlen])
+            except self.lost + self.failures as exc:
+                log.warning("moving due entries of %r on Redis at %s failed (%r); retrying", self.queue_name,
+                            self.where, exc)
+                left = 1000
+            await asyncio.sleep(0.5 if left < 0 else min(0.5, max(0.005, left / 1000)))
 
     def received(self, raw: tuple[bytes, dict[bytes, bytes], int]) -> Message:
         entry_id, fields, delivered = raw
