@@ -72,8 +72,13 @@ __all__ = [
     "NATS",
     "NATSConsumer",
     "NATSProducer",
+    "Outbox",
+    "OutboxProducer",
+    "OutboxRelay",
     "POSTGRES",
     "PRODUCERS",
+    "PostgresConsumer",
+    "PostgresProducer",
     "Producer",
     "PullingConsumer",
     "PumpedReplies",
@@ -88,6 +93,8 @@ __all__ = [
     "RemoteError",
     "RequestTimeout",
     "SQS",
+    "SQSConsumer",
+    "SQSProducer",
     "SSI",
     "SendError",
     "StreamtoolsError",
@@ -5221,9 +5228,887 @@ class RedisConsumer(_RedisEndpoint, PullingConsumer):
         """Delete the queue's stream (with its group) and its dead-letter stream."""
         await self._open()
         try:
-            await self._r.delete(self.key, f"streamtools:{self.dead_letter_queue}")
+            waiting = [f"{self.delayed}:{key.decode()}" for key in await self._r.zrange(self.delayed, 0, -1)]
+            await self._r.delete(self.key, f"streamtools:{self.dead_letter_queue}", self.delayed, *waiting)
         finally:
             await _RedisEndpoint.disconnect(self)
+
+
+###############################################################################
+# Transports: Amazon SQS ######################################################
+###############################################################################
+
+#: The envelope in message attributes (SQS takes ten at most: the headers travel as one JSON object).
+_SQS_ENVELOPE = _Envelope("content-type", "message-id", "correlation-id", "reply-to", nested="headers")
+_SQS_MAX_SIZE = 256 * 1024  # a message's body and attributes together
+_SQS_MAX_DELAY = 900  # SendMessage's DelaySeconds; a longer delay is sent again when its 15 minutes end
+_SQS_DUE, _SQS_BASE64 = "x-st-due", "x-st-base64"  # when a delayed message is due; a body that is not text
+
+
+def _sqs_name(queue: str) -> str:
+    """The SQS queue of a streamtools queue: ``orders.dead`` is ``orders-dead``."""
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "-" for c in queue)[:80]
+
+
+class _SQSEndpoint(BrokerEndpoint):
+    """The settings and the client both SQS classes share, on aiobotocore.
+
+    :param endpoint_url: the SQS API's URL; else ``SQS_ENDPOINT_URL``; unset is AWS itself.
+    :param region: else ``AWS_REGION`` or ``AWS_DEFAULT_REGION``, else ``us-east-1``.
+    :param visibility_timeout: seconds a received message stays invisible to
+        other consumers (extended while its handler runs); queues are created with it.
+    :param wait_time: seconds a receive waits for messages (SQS long polling, at most 20).
+    Credentials come from botocore's standard chain (never shown). Takes
+    ``connect_timeout`` and ``send_timeout`` (see :class:`BrokerEndpoint`).
+    """
+
+    client = ("aiobotocore", "aiobotocore")
+    address_option = "endpoint_url"
+    broker = "SQS"
+    lost_errors = ("builtins.OSError", "botocore.exceptions.EndpointConnectionError",
+                   "botocore.exceptions.ConnectionClosedError", "botocore.exceptions.ReadTimeoutError",
+                   "botocore.exceptions.ConnectTimeoutError", "aiohttp.ClientConnectionError")
+    refused_errors = ("botocore.exceptions.NoCredentialsError", "botocore.exceptions.ClientError")
+    client_errors = ("botocore.exceptions.BotoCoreError", "botocore.exceptions.ClientError")
+    refused_hint = "check the AWS credentials (botocore's chain: AWS_ACCESS_KEY_ID, a profile, a role...)"
+
+    def configure(self, *, endpoint_url: str | None = None, region: str | None = None,
+                  visibility_timeout: float = 30.0, wait_time: float = 5.0, **options: Any) -> None:
+        super().configure(**options)
+        self.region = region or _setting("AWS_REGION", "") or _setting("AWS_DEFAULT_REGION", "us-east-1")
+        endpoint = endpoint_url or os.environ.get("SQS_ENDPOINT_URL")
+        self.endpoint_url = endpoint or None
+        self.address = _addresses(endpoint or f"https://sqs.{self.region}.amazonaws.com", (), "", "SQS",
+                                  ("http", "https"), {"http": 80, "https": 443})
+        self.visibility_timeout = _number("visibility_timeout", visibility_timeout, int, 0, 43200)
+        self.wait_time = _number("wait_time", wait_time, int, 0, 20)
+        self.sqs_queue = _sqs_name(self.queue_name)
+        self._urls: dict[str, str] = {}
+        self._sqs: Any = None
+
+    async def _open(self) -> None:
+        config = importlib.import_module("aiobotocore.config").AioConfig(
+            retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=min(10.0, self.connect_timeout or 10.0),
+            read_timeout=self.wait_time + 30, max_pool_connections=max(20, getattr(self, "prefetch", 0) // 10 + 10))
+        session = importlib.import_module("aiobotocore.session").get_session()
+        self._client_context = session.create_client("sqs", region_name=self.region, endpoint_url=self.endpoint_url,
+                                                     config=config)
+        self._sqs = await self._client_context.__aenter__()
+        try:
+            await self.connecting(lambda: self.queue_url(self.queue_name))
+        except BaseException:
+            await self.disconnect()
+            raise
+
+    async def disconnect(self) -> None:
+        sqs, self._sqs = self._sqs, None
+        if sqs is not None:
+            await _closing(f"closing the SQS client of {self.where}", self._client_context.__aexit__(None, None, None))
+
+    async def queue_url(self, queue: str) -> str:
+        """The URL of the SQS queue of ``queue``, created when first needed.
+
+        :raises ConfigError: another streamtools queue's name maps onto the same SQS queue.
+        """
+        url = self._urls.get(queue)
+        if url is None:
+            name, errors = _sqs_name(queue), self._sqs.exceptions
+            try:  # an existing queue first: creating it again could overwrite its tags
+                url = (await self._sqs.get_queue_url(QueueName=name))["QueueUrl"]
+            except errors.QueueDoesNotExist:
+                try:
+                    url = (await self._sqs.create_queue(QueueName=name, tags={"streamtools-queue": queue}, Attributes={
+                        "VisibilityTimeout": str(self.visibility_timeout),
+                        "MessageRetentionPeriod": "1209600"}))["QueueUrl"]
+                except errors.QueueNameExists:  # made meanwhile, with other attributes: used as it is
+                    url = (await self._sqs.get_queue_url(QueueName=name))["QueueUrl"]
+            try:  # the streamtools queue it was made for, where the credentials may read tags
+                tags = (await self._sqs.list_queue_tags(QueueUrl=url)).get("Tags") or {}
+            except errors.ClientError:
+                tags = {}
+            owner = tags.get("streamtools-queue", queue)
+            if owner != queue:
+                raise ConfigError(f"queue {queue!r} maps to the SQS queue {name!r}, which belongs to queue {owner!r}: "
+                                  "SQS names take letters, digits, - and _ only; rename one of them")
+            self._urls[queue] = url
+        return url
+
+    def entry(self, message: Message, delay: float | None = None) -> dict[str, Any]:
+        """SendMessage's arguments for ``message`` (body, attributes, delay).
+
+        :raises SendError: it is over SQS's 256 KiB.
+        """
+        attributes = _SQS_ENVELOPE.pairs(message)
+        try:
+            body = message.data.decode()
+        except UnicodeDecodeError:  # SQS carries text: bytes that are not go as base64
+            body, attributes[_SQS_BASE64] = base64.b64encode(message.data).decode(), "1"
+        entry: dict[str, Any] = {"MessageBody": body, "MessageAttributes": {
+            key: {"DataType": "String", "StringValue": value} for key, value in attributes.items()}}
+        if delay:
+            if delay > _SQS_MAX_DELAY:
+                entry["MessageAttributes"][_SQS_DUE] = {"DataType": "Number",
+                                                        "StringValue": str(int((time.time() + delay) * 1000))}
+            entry["DelaySeconds"] = min(_SQS_MAX_DELAY, math.ceil(delay))
+        size = len(body.encode()) + sum(len(k) + len(v) for k, v in attributes.items())
+        if size > _SQS_MAX_SIZE:
+            raise SendError(f"the message of {size} bytes to {message.queue!r} is over SQS's limit of "
+                            f"{_SQS_MAX_SIZE} bytes (body and attributes)")
+        return entry
+
+    async def send_entries(self, queue: str, entries: list[dict[str, Any]], timeout: float | None = None) -> list[Any]:
+        """SendMessageBatch, ten a call and the calls at once: each entry's
+        message id, or its SendError."""
+        url = await self.queue_url(queue)
+
+        async def batch(part: list[dict[str, Any]]) -> list[Any]:
+            answer = await self.sending(f"{len(part)} messages to {queue!r}", lambda: self._sqs.send_message_batch(
+                QueueUrl=url, Entries=[{"Id": str(i), **entry} for i, entry in enumerate(part)]), timeout)
+            results: list[Any] = [None] * len(part)
+            for done in answer.get("Successful", ()):
+                results[int(done["Id"])] = done["MessageId"]
+            for failed in answer.get("Failed", ()):
+                results[int(failed["Id"])] = SendError(f"SQS at {self.where} refused the message to {queue!r}: "
+                                                       f"{failed.get('Code')}: {failed.get('Message')}")
+            return results
+
+        parts = await asyncio.gather(*(batch(entries[i:i + 10]) for i in range(0, len(entries), 10)),
+                                     return_exceptions=True)
+        return [r for part, n in zip(parts, range(0, len(entries), 10))
+                for r in (part if isinstance(part, list) else [part] * len(entries[n:n + 10]))]
+
+    async def send_one(self, queue: str, message: Message, delay: float | None = None,
+                       timeout: float | None = None) -> None:
+        entry, url = self.entry(message, delay), await self.queue_url(queue)
+        await self.sending(f"the message to {queue!r}", lambda: self._sqs.send_message(QueueUrl=url, **entry), timeout)
+
+
+def _sqs_message(raw: dict[str, Any], queue: str = "") -> Message:
+    attributes = {key: value.get("StringValue", "") for key, value in raw.get("MessageAttributes", {}).items()}
+    body = raw.get("Body", "")
+    data = base64.b64decode(body) if attributes.pop(_SQS_BASE64, None) else body.encode()
+    attributes.pop(_SQS_DUE, None)
+    message = Message(data=data, queue=queue, raw=raw)
+    try:
+        message.headers, message.content_type, message.id, message.correlation_id, message.reply_to = \
+            _SQS_ENVELOPE.read(attributes.items())
+    except ValueError as exc:
+        message.headers = {"x-original-headers": attributes.get("headers", "")}
+        raise _Unreadable(message, f"SQS message {raw.get('MessageId')} of {queue!r} has an unreadable envelope: "
+                                   f"{exc}") from None
+    message.id = message.id or raw.get("MessageId", "")
+    return message
+
+
+class SQSProducer(_SQSEndpoint, PumpedReplies):
+    """Sends to the SQS queue of the queue (created if missing); ``send``
+    returns once SendMessage returned its id, and the sends of one turn of
+    the event loop go in SendMessageBatch calls of ten. ``send(delay=)`` is
+    SQS's ``DelaySeconds`` (sent again past 15 minutes). Requests get replies
+    on a temporary queue of the requester's own, deleted on ``close()``.
+    Options: see :class:`_SQSEndpoint`."""
+
+    pipelined = True
+    delays = True
+
+    async def connect(self) -> None:
+        self._replies_ready = None
+        await self._open()
+
+    async def disconnect(self) -> None:
+        await self.stop_replies()
+        await super().disconnect()
+
+    async def publish(self, message: Message, timeout: float | None, delay: float | None = None,
+                      **flags: Any) -> None:
+        await self.send_one(self.queue_name, message, delay, timeout)
+
+    async def publish_many(self, batch: list[Message], timeout: float | None, delay: float | None = None,
+                           **flags: Any) -> list[Any]:
+        entries: list[Any] = []
+        for message in batch:
+            try:
+                entries.append(self.entry(message, delay))
+            except SendError as exc:
+                entries.append(exc)
+        good = [entry for entry in entries if not isinstance(entry, BaseException)]
+        sent = iter(await self.send_entries(self.queue_name, good, timeout) if good else [])
+        return [entry if isinstance(entry, BaseException) else
+                (result if isinstance(result := next(sent), BaseException) else None) for entry in entries]
+
+    async def open_replies(self) -> str:
+        return await self.queue_url(f"streamtools-reply-{_new_id()}")
+
+    async def read_replies(self, address: str) -> list[Message]:
+        answer = await self._sqs.receive_message(QueueUrl=address, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+                                                 MessageAttributeNames=["All"])
+        received = answer.get("Messages", [])
+        if received:
+            await self._sqs.delete_message_batch(QueueUrl=address, Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(received)])
+        return [_sqs_message(m) for m in received]
+
+    async def close_replies(self, address: str) -> None:
+        await self._sqs.delete_queue(QueueUrl=address)
+
+
+class SQSConsumer(_SQSEndpoint, PullingConsumer):
+    """Consumes the queue's SQS queue with long polls (several at once for a
+    ``prefetch`` above 10); a message is deleted (in batches) after its
+    handler returned. A failed attempt waits on SQS (its visibility timeout
+    set to the backoff), freeing its slot; the attempt number is SQS's
+    ``ApproximateReceiveCount``, so it survives a crash. A consumer killed with
+    SIGKILL loses nothing: its messages come back after ``visibility_timeout``.
+    A handler that runs longer keeps its message invisible. ``stop()`` makes
+    received messages that did not start visible again at once.
+    Options: see :class:`_SQSEndpoint`."""
+
+    def configure(self, **options: Any) -> None:
+        super().configure(**options)
+        self._handling: dict[str, tuple[Message, float]] = {}
+        self._deletes: list[dict[str, Any]] = []
+        self._polls: dict[asyncio.Future[dict[str, Any]], int] = {}
+
+    async def connect(self) -> None:
+        self._deleting = asyncio.Event()
+        await self._open()
+
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        return [self._delete_every_turn(), self._keep_invisible()]
+
+    async def fetch(self, room: int) -> list[Any]:
+        asked = sum(self._polls.values())
+        url = self._urls[self.queue_name]
+        while room - asked > 0:  # a receive takes ten at most: more at once for a larger prefetch
+            ask = min(10, room - asked)
+            poll = asyncio.ensure_future(self._sqs.receive_message(
+                QueueUrl=url, MaxNumberOfMessages=ask, WaitTimeSeconds=self.wait_time, AttributeNames=["All"],
+                VisibilityTimeout=self.visibility_timeout,  # this consumer's, whoever made the queue
+                MessageAttributeNames=["All"]))
+            self._polls[poll] = ask
+            asked += ask
+        done, _ = await asyncio.wait(self._polls, return_when=asyncio.FIRST_COMPLETED)
+        received: list[dict[str, Any]] = []
+        failures: list[BaseException] = []
+        for poll in done:
+            del self._polls[poll]
+            failure = poll.exception()
+            if failure is not None:
+                failures.append(failure)
+            else:
+                received += poll.result().get("Messages", [])
+        if failures and not received:
+            raise failures[0]
+        now = time.time() * 1000
+        ready: list[dict[str, Any]] = []
+        later: list[dict[str, Any]] = []
+        for raw in received:  # a delay longer than SQS's 15 minutes: sent again for what is left
+            due = raw.get("MessageAttributes", {}).get(_SQS_DUE)
+            (later if due is not None and int(due["StringValue"]) > now + 1000 else ready).append(raw)
+        if later:
+            await self._delay_again(later)
+        return ready
+
+    async def _delay_again(self, raws: list[dict[str, Any]]) -> None:
+        url = self._urls[self.queue_name]
+        for raw in raws:
+            left = (int(raw["MessageAttributes"][_SQS_DUE]["StringValue"]) - time.time() * 1000) / 1000
+            attributes = {k: {"DataType": v["DataType"], "StringValue": v["StringValue"]}
+                          for k, v in raw["MessageAttributes"].items()}
+            await self.sending("a delayed message", lambda: self._sqs.send_message(
+                QueueUrl=url, MessageBody=raw["Body"], MessageAttributes=attributes,
+                DelaySeconds=min(_SQS_MAX_DELAY, math.ceil(left))))
+            await self._sqs.delete_message(QueueUrl=url, ReceiptHandle=raw["ReceiptHandle"])
+
+    def received(self, raw: dict[str, Any]) -> Message:
+        message = _sqs_message(raw, self.queue_name)
+        message.attempt = int(raw.get("Attributes", {}).get("ApproximateReceiveCount", 1))
+        message.redelivered = message.attempt > 1
+        self._handling[raw["ReceiptHandle"]] = (message, time.monotonic())
+        return message
+
+    async def acknowledge(self, message: Message) -> None:
+        self._handling.pop(message.raw["ReceiptHandle"], None)
+        self._deletes.append({"Id": str(len(self._deletes)), "ReceiptHandle": message.raw["ReceiptHandle"]})
+        self._deleting.set()
+
+    async def _delete_every_turn(self) -> None:
+        """Delete finished messages in DeleteMessageBatch calls of ten."""
+        while True:
+            await self._deleting.wait()
+            self._deleting.clear()
+            await self._delete()
+
+    async def _delete(self) -> None:
+        entries, self._deletes = self._deletes, []
+        url = self._urls.get(self.queue_name)
+        for i in range(0, len(entries), 10):
+            part = [{**entry, "Id": str(n)} for n, entry in enumerate(entries[i:i + 10])]
+            try:
+                await self._sqs.delete_message_batch(QueueUrl=url, Entries=part)
+            except self.failures + self.lost as exc:  # not deleted: delivered again after the visibility timeout
+                log.warning("deleting %d messages of %r on %s failed (%s); they will be delivered again",
+                            len(part), self.queue_name, self.where, self.cause(exc))
+
+    async def _visible_in(self, raw: dict[str, Any], seconds: float) -> None:
+        await self._sqs.change_message_visibility(QueueUrl=self._urls[self.queue_name],
+                                                  ReceiptHandle=raw["ReceiptHandle"], VisibilityTimeout=int(seconds))
+
+    async def _keep_invisible(self) -> None:
+        """Extend the visibility of messages whose handler still runs."""
+        interval = max(1.0, self.visibility_timeout / 3)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for message, started in list(self._handling.values()):
+                if now - started >= interval:
+                    await _closing("extending a visibility timeout", self._visible_in(message.raw,
+                                                                                       self.visibility_timeout))
+
+    async def hand_back(self, message: Message) -> None:
+        self._handling.pop(message.raw["ReceiptHandle"], None)
+        await _closing("handing a message back", self._visible_in(message.raw, 0))
+
+    async def hold(self, message: Message, delay: float) -> bool:
+        self._handling.pop(message.raw["ReceiptHandle"], None)
+        try:
+            await self._visible_in(message.raw, min(43200, math.ceil(delay)))
+        except self.failures + self.lost as exc:
+            log.warning("could not have SQS hold message %s of %r (%s); it waits here", message.id,
+                        self.queue_name, self.cause(exc))
+            return False
+        return True
+
+    async def unstarted(self, raws: list[Any]) -> None:
+        for poll in self._polls:  # a receive under way may take messages: they come back at once too
+            with contextlib.suppress(Exception):
+                raws += (await poll).get("Messages", [])
+        self._polls.clear()
+        for raw in raws:
+            await _closing("handing a message back", self._visible_in(raw, 0))
+
+    async def disconnect(self) -> None:
+        if self._sqs is not None:
+            await self._delete()
+        await super().disconnect()
+
+    async def send_to(self, queue: str, message: Message) -> None:
+        await self.send_one(queue, message)
+
+    async def send_reply(self, address: str, reply: Message) -> None:
+        entry = self.entry(reply)
+        await self.sending("the reply", lambda: self._sqs.send_message(QueueUrl=address, **entry))
+
+    async def delete_queues(self) -> None:
+        """Delete the queue's SQS queue and its dead-letter queue."""
+        await self._open()
+        try:
+            for queue in (self.queue_name, self.dead_letter_queue):
+                await self._sqs.delete_queue(QueueUrl=await self.queue_url(queue))
+                self._urls.pop(queue, None)
+        finally:
+            await _SQSEndpoint.disconnect(self)
+
+
+###############################################################################
+# Transports: PostgreSQL ######################################################
+###############################################################################
+
+#: The envelope in a row's columns; the headers are one JSON object.
+_PG_ENVELOPE = _Envelope("content_type", "message_id", "correlation_id", "reply_to", nested="headers")
+_PG_COLUMNS = "id, attempt, content_type, message_id, correlation_id, reply_to, headers::text AS headers, body"
+
+
+def _pg_schema(schema: str, tables: Sequence[str]) -> str:
+    """The DDL of the transport's tables in ``schema``: a message is a row,
+    due at ``visible_at``; every insert notifies the queues it filled."""
+    s = '"' + schema.replace('"', '""') + '"'
+    ddl = [f"SELECT pg_advisory_xact_lock(7152018);  -- one creator at a time, in every process\n"
+           f"CREATE SCHEMA IF NOT EXISTS {s};\n"
+           f"CREATE OR REPLACE FUNCTION {s}.notify() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN\n"
+           "  PERFORM pg_notify(TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME, queue) FROM (SELECT DISTINCT queue FROM new) q;\n"
+           "  RETURN NULL; END $$;"]
+    for table in tables:
+        extra = "transport text NOT NULL, " if table == "outbox" else ""
+        ddl.append(
+            f"CREATE TABLE IF NOT EXISTS {s}.{table} (id bigserial PRIMARY KEY, {extra}queue text NOT NULL, "
+            "visible_at timestamptz NOT NULL DEFAULT now(), attempt integer NOT NULL DEFAULT 0, content_type text, "
+            "message_id text, correlation_id text, reply_to text, headers jsonb, body bytea NOT NULL DEFAULT '', "
+            "created_at timestamptz NOT NULL DEFAULT now());\n"
+            f"CREATE INDEX IF NOT EXISTS {table}_due ON {s}.{table} (queue, visible_at, id);\n"
+            f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_trigger WHERE tgname = 'notify' AND tgrelid = "
+            f"'{s}.{table}'::regclass) THEN CREATE TRIGGER notify AFTER INSERT ON {s}.{table} REFERENCING NEW "
+            f"TABLE AS new FOR EACH STATEMENT EXECUTE FUNCTION {s}.notify(); END IF; END $$;")
+    return "\n".join(ddl)
+
+
+class _PostgresEndpoint(BrokerEndpoint):
+    """The settings and the connections both PostgreSQL classes share, on asyncpg.
+
+    :param dsn: ``postgresql://user:password@host:port/database``; else
+        ``POSTGRES_URL``, else ``DATABASE_URL``, else ``postgresql://127.0.0.1:5432/postgres``.
+    :param schema: the schema of the transport's tables (made on first use).
+    :param lease: seconds a claimed message stays invisible to other
+        consumers (extended while its handler runs): a consumer that died
+        gives its messages back after it.
+    :param pool_size: the most connections of the pool.
+    Takes ``connect_timeout`` and ``send_timeout`` (see :class:`BrokerEndpoint`).
+    """
+
+    client = ("asyncpg", "asyncpg")
+    address_option = "dsn"
+    broker = "PostgreSQL"
+    table = "messages"
+    lost_errors = ("builtins.OSError", "asyncpg.exceptions.PostgresConnectionError",
+                   "asyncpg.exceptions.OperatorInterventionError", "asyncpg.exceptions.InterfaceError")
+    refused_errors = ("asyncpg.exceptions.InvalidAuthorizationSpecificationError",
+                      "asyncpg.exceptions.InvalidCatalogNameError")
+    client_errors = ("asyncpg.exceptions.PostgresError", "asyncpg.exceptions.InterfaceError")
+    refused_hint = "check the user, the password and the database of the DSN"
+
+    def configure(self, *, dsn: str | None = None, schema: str = "streamtools", lease: float = 30.0,
+                  pool_size: int = 10, **options: Any) -> None:
+        super().configure(**options)
+        raw = dsn or _setting("POSTGRES_URL", "") or _setting("DATABASE_URL", "") or \
+            "postgresql://127.0.0.1:5432/postgres"
+        self.address = _addresses([raw], (), "", "PostgreSQL", ("postgresql", "postgres"), 5432)
+        if not isinstance(schema, str) or not schema:
+            raise ConfigError(f"schema is the name of a PostgreSQL schema, got {schema!r}")
+        self.schema = schema
+        self.lease = _number("lease", lease, float, 1.0)
+        self.pool_size = _number("pool_size", pool_size, int, 1)
+        self.at = '"' + schema.replace('"', '""') + f'".{self.table}'
+        self.channel = f"{schema}.{self.table}"
+        self._pool: Any = None
+        self._listener: Any = None
+        self._woken: dict[str, asyncio.Event] = {}
+        self.extra: tuple[Any, ...] = ()  # more columns' values (the outbox's transport)
+
+    async def _open(self) -> None:
+        asyncpg = self.client_module()
+        self._pool = await self.connecting(lambda: asyncpg.create_pool(
+            self.address.urls[0], min_size=1, max_size=self.pool_size, timeout=min(10.0, self.connect_timeout or 10.0)))
+        try:
+            await self.ensure_once(self.schema, lambda: self.sending(
+                f"the tables of schema {self.schema!r}",
+                lambda: self._pool.execute(_pg_schema(self.schema, ("messages", "outbox")))))
+        except BaseException:
+            await self.disconnect()
+            raise
+
+    async def listen(self, queue: str) -> asyncio.Event:
+        """An event set whenever rows are inserted into ``queue`` (LISTEN on a connection of its own)."""
+        if self._listener is None or self._listener.is_closed():
+            self._listener = None
+            listener = await self.client_module().connect(self.address.urls[0], timeout=10)
+            await listener.add_listener(self.channel, self._notified)
+            self._listener = listener
+            for event in self._woken.values():  # what was inserted while nobody listened
+                event.set()
+        return self._woken.setdefault(queue, asyncio.Event())
+
+    def _notified(self, _connection: Any, _pid: int, _channel: str, queue: str) -> None:
+        event = self._woken.get(queue) or self._woken.get("*")  # "*": the relay, woken by every queue
+        if event is not None:
+            event.set()
+
+    async def disconnect(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await _closing(f"closing the PostgreSQL listener of {self.where}", listener.close(timeout=5))
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await _closing(f"closing the PostgreSQL pool of {self.where}", pool.close())
+
+    def insert_sql(self, count: int = 1) -> str:
+        if count == 1:
+            return (f"INSERT INTO {self.at} (queue, visible_at, content_type, message_id, correlation_id, reply_to, "
+                    "headers, body) VALUES ($1, now() + make_interval(secs => $2), $3, $4, $5, $6, $7::jsonb, $8)")
+        return (f"INSERT INTO {self.at} (queue, visible_at, content_type, message_id, correlation_id, reply_to, "
+                "headers, body) SELECT $1, now() + make_interval(secs => $2), * FROM unnest($3::text[], $4::text[], "
+                "$5::text[], $6::text[], $7::jsonb[], $8::bytea[])")
+
+    @staticmethod
+    def row(message: Message) -> tuple[Any, ...]:
+        pairs = _PG_ENVELOPE.pairs(message)
+        return (pairs["content_type"], pairs["message_id"], pairs.get("correlation_id"), pairs.get("reply_to"),
+                pairs.get("headers"), message.data)
+
+    async def insert(self, queue: str, messages: list[Message], delay: float | None = None,
+                     timeout: float | None = None, connection: Any = None) -> None:
+        """Store ``messages`` in ``queue`` in one statement: in ``connection``'s
+        transaction when given (seen by consumers once it commits), else on the pool, retried."""
+        rows = [self.row(message) for message in messages]
+        if len(rows) == 1:
+            sql, args = self.insert_sql(), (queue, delay or 0.0, *rows[0], *self.extra)
+        else:
+            sql, args = self.insert_sql(len(rows)), (queue, delay or 0.0, *map(list, zip(*rows)), *self.extra)
+        what = f"the message to {queue!r}" if len(rows) == 1 else f"{len(rows)} messages to {queue!r}"
+        if connection is None:
+            await self.sending(what, lambda: self._pool.execute(sql, *args), timeout)
+            return
+        try:
+            await connection.execute(sql, *args)
+        except self.failures + self.lost as exc:
+            raise SendError(f"PostgreSQL at {self.where} refused {what}: {self.cause(exc)}") from None
+
+    async def take(self, queue: str, limit: int, lease: float | None = None) -> list[Any]:
+        """Claim up to ``limit`` due rows of ``queue`` (the next attempt of each), or
+        with no ``lease`` delete them: FOR UPDATE SKIP LOCKED, so consumers share the queue."""
+        due = (f"SELECT id FROM {self.at} WHERE queue = $1 AND visible_at <= now() ORDER BY visible_at, id "
+               "LIMIT $2 FOR UPDATE SKIP LOCKED")
+        args: tuple[Any, ...] = (queue, limit)
+        if lease is None:
+            sql = f"DELETE FROM {self.at} WHERE id IN ({due}) RETURNING {_PG_COLUMNS}"
+        else:
+            sql = (f"UPDATE {self.at} m SET visible_at = now() + make_interval(secs => $3), attempt = m.attempt + 1 "
+                   f"FROM ({due}) c WHERE m.id = c.id RETURNING {_PG_COLUMNS.replace('id,', 'm.id,', 1)}")
+            args = (queue, limit, lease)
+        rows = await self._pool.fetch(sql, *args)
+        return sorted(rows, key=lambda row: row["id"])
+
+    async def next_due(self, queue: str) -> float | None:
+        """Seconds until the next row of ``queue`` is due (a delay, a retry, a lease ending)."""
+        due = await self._pool.fetchval(f"SELECT extract(epoch FROM min(visible_at) - now()) FROM {self.at} "
+                                        "WHERE queue = $1", queue)
+        return None if due is None else float(due)
+
+    async def wait_for(self, queue: str, longest: float) -> None:
+        """Until rows may be due in ``queue``: a notification, the next due
+        time, or ``longest`` seconds (the safety poll)."""
+        woken = await self.listen(queue)
+        due = await self.next_due(queue)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(woken.wait(), max(0.01, min(longest, due if due is not None else longest)))
+        woken.clear()
+
+
+def _pg_message(row: Any, queue: str) -> Message:
+    message = Message(data=bytes(row["body"]), queue=queue, raw=row["id"], attempt=max(1, row["attempt"]))
+    pairs = [(key, row[key]) for key in ("content_type", "message_id", "correlation_id", "reply_to", "headers")
+             if row[key] is not None]
+    try:
+        message.headers, message.content_type, message.id, message.correlation_id, message.reply_to = \
+            _PG_ENVELOPE.read(pairs)
+    except ValueError as exc:
+        message.headers = {"x-original-headers": row["headers"]}
+        raise _Unreadable(message, f"row {row['id']} of {queue!r} has an unreadable envelope: {exc}") from None
+    message.id = message.id or str(row["id"])
+    message.redelivered = message.attempt > 1
+    return message
+
+
+class PostgresProducer(_PostgresEndpoint, PumpedReplies):
+    """Inserts the message as a row of the queue; ``send`` returns once the
+    insert committed, and the sends of one turn of the event loop go in one
+    insert. ``send(msg, connection=conn)`` writes it in the caller's asyncpg
+    connection and transaction instead: a rollback means it is never
+    delivered. ``send(delay=)`` sets the row's visible time. Options: see
+    :class:`_PostgresEndpoint`."""
+
+    send_flags = frozenset({"connection"})
+    pipelined = True
+    delays = True
+
+    async def connect(self) -> None:
+        self._replies_ready = None
+        await self._open()
+
+    async def disconnect(self) -> None:
+        await self.stop_replies()
+        await super().disconnect()
+
+    async def publish(self, message: Message, timeout: float | None, delay: float | None = None,
+                      connection: Any = None, **flags: Any) -> None:
+        await self.insert(self.queue_name, [message], delay, timeout, connection)
+
+    async def publish_many(self, batch: list[Message], timeout: float | None, delay: float | None = None,
+                           connection: Any = None, **flags: Any) -> list[Any]:
+        try:
+            await self.insert(self.queue_name, batch, delay, timeout, connection)
+        except SendError as exc:
+            return [exc] * len(batch)
+        return [None] * len(batch)
+
+    async def open_replies(self) -> str:
+        address = f"streamtools.reply.{_new_id()}"
+        await self.listen(address)
+        return address
+
+    async def read_replies(self, address: str) -> list[Message]:
+        rows = await self.take(address, 100)
+        if not rows:
+            await self.wait_for(address, 5.0)
+        return [_pg_message(row, address) for row in rows]
+
+    async def close_replies(self, address: str) -> None:
+        self._woken.pop(address, None)
+        await self._pool.execute(f"DELETE FROM {self.at} WHERE queue = $1", address)
+
+
+class PostgresConsumer(_PostgresEndpoint, PullingConsumer):
+    """Claims due rows of the queue (``FOR UPDATE SKIP LOCKED``) under a
+    ``lease``, woken by LISTEN/NOTIFY when rows arrive (and by a poll every
+    ``poll`` seconds, for safety); a row is deleted after its handler
+    returned. A failed attempt waits in the database (the row's visible time
+    set to the backoff), freeing its slot; the attempt number is the row's,
+    so it survives a crash. A consumer killed with SIGKILL loses nothing:
+    its rows come back when their lease ends; a handler that runs longer
+    keeps its lease. ``stop()`` gives received rows that did not start back
+    at once. Options: see :class:`_PostgresEndpoint`, and ``poll``."""
+
+    def configure(self, *, poll: float = 5.0, **options: Any) -> None:
+        super().configure(**options)
+        self.poll = _number("poll", poll, float, 0.05)
+        self._handling: dict[int, float] = {}
+        self._deletes: list[int] = []
+
+    async def connect(self) -> None:
+        self._deleting = asyncio.Event()
+        await self._open()
+
+    def background(self) -> list[Coroutine[Any, Any, None]]:
+        return [self._delete_every_turn(), self._keep_leases()]
+
+    async def fetch(self, room: int) -> list[Any]:
+        rows = await self.take(self.queue_name, room, self.lease)
+        if not rows:
+            await self.wait_for(self.queue_name, self.poll)
+        return rows
+
+    def received(self, row: Any) -> Message:
+        self._handling[row["id"]] = time.monotonic()
+        return _pg_message(row, self.queue_name)
+
+    async def acknowledge(self, message: Message) -> None:
+        self._handling.pop(message.raw, None)
+        self._deletes.append(message.raw)
+        self._deleting.set()
+
+    async def _delete_every_turn(self) -> None:
+        """Delete finished rows, those of a turn of the event loop in one statement."""
+        while True:
+            await self._deleting.wait()
+            self._deleting.clear()
+            await self._delete()
+
+    async def _delete(self) -> None:
+        ids, self._deletes = self._deletes, []
+        if not ids:
+            return
+        try:
+            await self.sending(f"the acknowledgement of {len(ids)} messages",
+                               lambda: self._pool.execute(f"DELETE FROM {self.at} WHERE id = ANY($1::bigint[])", ids),
+                               self.lease / 2)
+        except SendError as exc:  # still there: delivered again when the lease ends
+            log.warning("%s; they will be delivered again", exc)
+
+    async def _keep_leases(self) -> None:
+        """Extend the lease of rows whose handler still runs."""
+        interval = max(0.5, self.lease / 3)
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            long = [row for row, started in self._handling.items() if now - started >= interval]
+            if long:
+                await _closing("extending leases", self._pool.execute(
+                    f"UPDATE {self.at} SET visible_at = now() + make_interval(secs => $2) WHERE id = ANY($1::bigint[])",
+                    long, self.lease))
+
+    async def _visible(self, ids: list[int], delay: float, attempt: int = 0) -> None:
+        await self._pool.execute(f"UPDATE {self.at} SET visible_at = now() + make_interval(secs => $2), "
+                                 "attempt = greatest(0, attempt + $3) WHERE id = ANY($1::bigint[])", ids, delay, attempt)
+
+    async def hand_back(self, message: Message) -> None:
+        self._handling.pop(message.raw, None)
+        await _closing("handing a message back", self._visible([message.raw], 0.0))
+
+    async def hold(self, message: Message, delay: float) -> bool:
+        self._handling.pop(message.raw, None)
+        try:
+            await self._visible([message.raw], delay)
+        except self.failures + self.lost as exc:
+            log.warning("could not have PostgreSQL hold message %s of %r (%s); it waits here", message.id,
+                        self.queue_name, self.cause(exc))
+            return False
+        return True
+
+    async def unstarted(self, raws: list[Any]) -> None:
+        if raws:  # never started: this attempt does not count
+            await _closing("handing messages back", self._visible([row["id"] for row in raws], 0.0, -1))
+
+    async def disconnect(self) -> None:
+        if self._pool is not None:
+            await self._delete()
+        await super().disconnect()
+
+    async def send_to(self, queue: str, message: Message) -> None:
+        await self.insert(queue, [message])
+
+    async def delete_queues(self) -> None:
+        """Delete the rows of the queue and of its dead-letter queue."""
+        await self._open()
+        try:
+            await self._pool.execute(f"DELETE FROM {self.at} WHERE queue = ANY($1::text[])",
+                                     [self.queue_name, self.dead_letter_queue])
+        finally:
+            await _PostgresEndpoint.disconnect(self)
+
+
+class OutboxProducer(PostgresProducer):
+    """Writes messages for a queue of another transport into the outbox table,
+    in the caller's transaction with ``send(msg, connection=conn)``; an
+    :class:`OutboxRelay` forwards them. Made by :meth:`Outbox.producer`."""
+
+    table = "outbox"
+
+    def configure(self, *, target: str = MEMORY, **options: Any) -> None:
+        super().configure(**options)
+        self.target = PRODUCERS.canonical(target)
+        self.extra = (self.target,)
+
+    def insert_sql(self, count: int = 1) -> str:
+        sql = super().insert_sql(count).replace("(queue,", "(transport, queue,", 1)
+        return sql.replace("VALUES ($1", "VALUES ($9, $1", 1).replace("SELECT $1", "SELECT $9, $1", 1)
+
+    async def listen_for_replies(self) -> str:
+        raise ConfigError("an outbox producer sends and forgets: request() needs the target transport's producer")
+
+
+class OutboxRelay(PostgresConsumer):
+    """Forwards the outbox's messages to their transports, each deleted once
+    its broker confirmed it: at least once, in order per queue (each queue
+    is relayed by one relay at a time: several may run), and a relay killed
+    mid-batch loses nothing (its rows come back after their lease). A send
+    that fails is retried on the database's time; one that fails
+    ``max_retries`` times goes to the PostgreSQL queue ``streamtools.outbox.dead``.
+    Run it like a consumer (``ConsumerRunner([relay])``) or with ``streamtools relay``.
+
+    :param targets: options for each transport's producers, by transport name
+        (``{"rabbitmq": {"url": ...}}``); by default each reads its environment.
+    Options: see :class:`PostgresConsumer`.
+    """
+
+    table = "outbox"
+
+    def __init__(self, queue_name: str = "streamtools.outbox", queues_labels: Mapping[str, Any] | None = None, *,
+                 prefetch: int = 64, max_retries: int = 100, **options: Any) -> None:
+        super().__init__(queue_name, queues_labels, prefetch=prefetch, max_retries=max_retries, **options)
+        self(self._forward)
+
+    def configure(self, *, targets: Mapping[str, Mapping[str, Any]] | None = None, **options: Any) -> None:
+        super().configure(**options)
+        self.targets = {PRODUCERS.canonical(name): dict(given) for name, given in (targets or {}).items()}
+        self._producers: dict[tuple[str, str], Producer] = {}
+        self._owned: set[tuple[str, str]] = set()
+        self._owner: Any = None
+        self._targets: dict[int, tuple[str, Message]] = {}
+
+    async def acknowledge(self, message: Message) -> None:
+        self._targets.pop(message.raw, None)
+        await super().acknowledge(message)
+
+    async def hand_back(self, message: Message) -> None:
+        self._targets.pop(message.raw, None)
+        await super().hand_back(message)
+
+    async def hold(self, message: Message, delay: float) -> bool:
+        held = await super().hold(message, delay)
+        if held:
+            self._targets.pop(message.raw, None)
+        return held
+
+    async def _own_queues(self) -> list[tuple[str, str]]:
+        """The queues with due rows this relay relays: each one a session
+        advisory lock on its listening connection, so one relay at a time has it."""
+        await self.listen("*")
+        if self._owner is not self._listener:  # a new session: its locks are to be taken again
+            self._owned, self._owner = set(), self._listener
+        due = await self._pool.fetch(f"SELECT DISTINCT transport, queue FROM {self.at} WHERE visible_at <= now()")
+        for transport, queue in ((row["transport"], row["queue"]) for row in due):
+            if (transport, queue) not in self._owned and await self._listener.fetchval(
+                    "SELECT pg_try_advisory_lock(hashtextextended($1, 0))", f"{self.at} {transport} {queue}"):
+                self._owned.add((transport, queue))
+        return sorted(self._owned)
+
+    async def fetch(self, room: int) -> list[Any]:
+        owned = await self._own_queues()
+        rows = await self._pool.fetch(
+            f"UPDATE {self.at} m SET visible_at = now() + make_interval(secs => $3), attempt = m.attempt + 1 "
+            f"FROM (SELECT id FROM {self.at} WHERE (transport, queue) IN (SELECT * FROM unnest($1::text[], "
+            "$2::text[])) AND visible_at <= now() ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) c WHERE m.id = c.id "
+            f"RETURNING m.transport, {_PG_COLUMNS.replace('id,', 'm.id,', 1)}, m.queue",
+            [t for t, _ in owned], [q for _, q in owned], self.lease, room) if owned else []
+        if not rows:
+            await self.wait_for("*", self.poll)
+        return sorted(rows, key=lambda row: row["id"])
+
+    async def next_due(self, queue: str) -> float | None:
+        """Of the queues this relay relays (another relay's are its own; a new one notifies)."""
+        owned = sorted(self._owned)
+        due = await self._pool.fetchval(
+            f"SELECT extract(epoch FROM min(visible_at) - now()) FROM {self.at} WHERE (transport, queue) IN "
+            "(SELECT * FROM unnest($1::text[], $2::text[]))", [t for t, _ in owned], [q for _, q in owned])
+        return None if due is None else float(due)
+
+    def received(self, row: Any) -> Message:
+        self._handling[row["id"]] = time.monotonic()
+        target = _pg_message(row, row["queue"])
+        self._targets[row["id"]] = (row["transport"], target)
+        return Message(data=b"", id=target.id, queue=self.queue_name, attempt=target.attempt,
+                       redelivered=target.redelivered, raw=row["id"])
+
+    async def _forward(self, _: Any) -> None:
+        transport, target = self._targets[_current.get().raw]
+        key = (transport, target.queue)
+        producer = self._producers.get(key)
+        if producer is None:
+            producer = self._producers[key] = PRODUCERS[transport](target.queue, **self.targets.get(transport, {}))
+        if not producer._ready:
+            await producer._ensure_open()
+        await (producer._in_turn if producer.pipelined else producer.publish)(target, None)
+
+    async def dead_letter(self, message: Message, headers: dict[str, Any]) -> None:
+        transport, target = self._targets.pop(message.raw)
+        target.headers = {**target.headers, **headers, "x-outbox-transport": transport, "x-outbox-queue": target.queue}
+        await self.send_to(self.dead_letter_queue, target)
+
+    async def send_to(self, queue: str, message: Message) -> None:
+        """Into the PostgreSQL queue ``queue`` (the messages table), where a PostgresConsumer reads it."""
+        sql = self.insert_sql().replace(self.at, self.at.rsplit(".", 1)[0] + ".messages")
+        await self.sending(f"the message to {queue!r}", lambda: self._pool.execute(
+            sql, queue, 0.0, *self.row(message)))
+
+    async def disconnect(self) -> None:
+        producers, self._producers = list(self._producers.values()), {}
+        await asyncio.gather(*(producer.close() for producer in producers), return_exceptions=True)
+        await super().disconnect()
+
+
+class Outbox:
+    """The transactional outbox: messages written in the service's own
+    PostgreSQL transaction, delivered to any transport by an :class:`OutboxRelay`.
+
+    >>> outbox = Outbox()                                # POSTGRES_URL / DATABASE_URL
+    >>> orders = outbox.producer("rabbitmq", "orders")
+    >>> async with conn.transaction():                   # the service's asyncpg connection
+    ...     await conn.execute("INSERT INTO orders ...")
+    ...     await orders.send({"id": 7}, connection=conn)  # sent if and only if this commits
+    >>> ConsumerRunner([outbox.relay()]).run()           # or: streamtools relay
+
+    :param dsn: as :class:`PostgresProducer`'s; ``options`` (``schema``...) go to both sides.
+    """
+
+    def __init__(self, dsn: str | None = None, **options: Any) -> None:
+        self.options = {"dsn": dsn, **options}
+
+    def producer(self, transport: str, queue: str, **options: Any) -> OutboxProducer:
+        """A producer whose messages go to ``queue`` on ``transport`` through the outbox."""
+        return OutboxProducer(queue, target=transport, **self.options, **options)
+
+    def relay(self, **options: Any) -> OutboxRelay:
+        """A relay of this outbox (``targets=``, ``prefetch=``...)."""
+        return OutboxRelay(**self.options, **options)
 
 
 ###############################################################################
@@ -5333,6 +6218,8 @@ register_transport(HTTP, HTTPProducer, HTTPConsumer, aliases=("http", "posthandl
 register_transport(KAFKA, KafkaProducer, KafkaConsumer, aliases=("kafka",))
 register_transport(NATS, NATSProducer, NATSConsumer, aliases=("nats", "jetstream"))
 register_transport(REDIS, RedisProducer, RedisConsumer, aliases=("redis", "redis-streams"))
+register_transport(SQS, SQSProducer, SQSConsumer, aliases=("sqs",))
+register_transport(POSTGRES, PostgresProducer, PostgresConsumer, aliases=("postgres", "postgresql", "pg"))
 
 # The legacy library's class names.
 AsyncIOProducer, AsyncIOConsumerLoop = MemoryProducer, MemoryConsumer
@@ -6154,8 +7041,10 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(word_names=slots)
 
     def broker_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--url", help="the broker's address: RabbitMQ URL (default from RMQ_URL / RMQ_HOST...), "
-                                       "Kafka bootstrap servers (KAFKA_BOOTSTRAP_SERVERS)")
+        sub.add_argument("--url", help="the broker's address, else the transport's environment: the RabbitMQ URL "
+                                       "(RMQ_URL), Kafka bootstrap servers (KAFKA_BOOTSTRAP_SERVERS), NATS servers "
+                                       "(NATS_URL), Redis URL (REDIS_URL), SQS endpoint (SQS_ENDPOINT_URL), "
+                                       "PostgreSQL DSN (POSTGRES_URL / DATABASE_URL), HTTP host (HTTP_HOST)")
         sub.add_argument("--connect-timeout", type=float, metavar="SECONDS",
                          help="how long to try connecting to a broker (default 30)")
 
@@ -6195,6 +7084,13 @@ def _build_parser() -> argparse.ArgumentParser:
     broker_options(bench_cmd)
     bench_cmd.set_defaults(run=_cli_bench)
 
+    relay = command("relay", help="forward the PostgreSQL outbox's messages to their brokers until SIGINT/SIGTERM")
+    relay.add_argument("--dsn", help="the outbox's database (default POSTGRES_URL / DATABASE_URL)")
+    relay.add_argument("--schema", default="streamtools", help="the outbox's schema (default streamtools)")
+    relay.add_argument("--prefetch", type=int, default=64, help="messages forwarded at once (default 64)")
+    relay.add_argument("--port", type=_cli_port, help="serve /healthz, /readyz and /metrics on this port")
+    relay.set_defaults(run=None)
+
     demo = command("demo", help="two services talking, on the memory transport by default")
     demo.add_argument("--transport", default="memory", metavar="KIND", help=f"one of: {kinds} (default memory)")
     broker_options(demo)
@@ -6232,6 +7128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             _runner_for(_load(args.target), args.port, args.host).run()
+            return 0
+        if args.command == "relay":
+            ConsumerRunner([OutboxRelay(dsn=args.dsn, schema=args.schema, prefetch=args.prefetch)],
+                           port=args.port).run()
             return 0
         return int(asyncio.run(args.run(args)))
     except StreamtoolsError as exc:
