@@ -2816,6 +2816,587 @@ class TestRedis:
 
 
 
+async def stream_through_a_kill(producer: streamtools.Producer, kill: Callable[[], Any], *,
+                                before: int = 150, total: int = 600, timeout_each: float = 30.0) -> \
+        tuple[list[int], list[BaseException], float]:
+    """Send ``total`` ints from four concurrent senders, calling ``kill`` (in
+    a thread) once ``before`` are confirmed; the confirmed ones, the errors
+    and the slowest send. Every send either returns or raises in its timeout."""
+    confirmed: list[int] = []
+    failed: list[BaseException] = []
+    slowest = [0.0]
+
+    async def stream(first: int) -> None:
+        for n in range(first, first + total // 4):
+            began = time.monotonic()
+            try:
+                await asyncio.wait_for(producer.send(n), timeout_each + 5)  # a hang fails the test
+            except streamtools.SendError as exc:
+                failed.append(exc)
+            else:
+                confirmed.append(n)
+            slowest[0] = max(slowest[0], time.monotonic() - began)
+            await asyncio.sleep(0.01)
+
+    async def killing() -> None:
+        await until(lambda: len(confirmed) >= before, timeout=30, what="the stream to get going")
+        await asyncio.to_thread(kill)
+
+    await asyncio.gather(killing(), *(stream(k * 100_000) for k in range(4)))
+    return confirmed, failed, slowest[0]
+
+
+class NATSCluster:
+    """Three nats-servers with JetStream clustered on loopback ports of their own."""
+
+    def __init__(self, base: Path) -> None:
+        binary = shutil.which("nats-server")
+        if binary is None:
+            pytest.skip("nats-server is not installed here")
+        self.ports = [free_port() for _ in range(3)]
+        routes = [free_port() for _ in range(3)]
+        self.commands = [[binary, "-a", "127.0.0.1", "-p", str(port), "-n", f"n{i}", "--cluster_name", "st",
+                          "-js", "-sd", str(base / f"n{i}"), "--cluster", f"nats://127.0.0.1:{routes[i]}",
+                          "--routes", ",".join(f"nats://127.0.0.1:{r}" for r in routes if r != routes[i])]
+                         for i, port in enumerate(self.ports)]
+        self.servers: list[subprocess.Popen[bytes] | None] = [
+            subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for command in self.commands]
+        self.urls = [f"nats://127.0.0.1:{port}" for port in self.ports]
+
+    def kill(self, index: int) -> None:
+        server = self.servers[index]
+        if server is not None:
+            server.kill()
+            server.wait()
+            self.servers[index] = None
+
+    def stop(self) -> None:
+        for index in range(3):
+            self.kill(index)
+
+
+@pytest.fixture
+async def nats_cluster(tmp_path: Path) -> Any:
+    pytest.importorskip("nats")
+    cluster = NATSCluster(tmp_path)
+    try:
+        import nats
+        deadline = time.monotonic() + 30
+        while True:  # JetStream answers once the cluster has elected its meta leader
+            try:
+                nc = await nats.connect(cluster.urls, connect_timeout=1, max_reconnect_attempts=0)
+                try:
+                    await nc.jetstream().account_info()
+                    break
+                finally:
+                    await nc.close()
+            except Exception:
+                assert time.monotonic() < deadline, "the NATS cluster did not form"
+                await asyncio.sleep(0.5)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@cluster
+@pytest.mark.timeout(300)
+class TestNATSCluster:
+    """Against the tests' own 3-server JetStream cluster (STREAMTOOLS_CLUSTER_TESTS=1)."""
+
+    async def test_the_stream_leader_killed_mid_stream_loses_nothing_confirmed(
+            self, nats_cluster: NATSCluster) -> None:
+        queue = f"st-nats-cluster-{uuid.uuid4().hex[:8]}"
+        options = {"servers": nats_cluster.urls, "replicas": 3, "send_timeout": 20.0}
+        got: set[int] = set()
+        consumer = CONSUMER_LOOPS[NATS](queue, prefetch=20, ack_wait=5.0, **options)
+        consumer()(got.add)
+        await consumer.start()
+        producer = PRODUCERS[NATS](queue, **options)
+        await producer.a_init()
+        info = await producer._js.stream_info(producer.stream)  # type: ignore[attr-defined]
+        assert info.config.num_replicas == 3
+        leader = int(info.cluster.leader.lstrip("n"))
+        began = time.monotonic()
+        confirmed, failed, slowest = await stream_through_a_kill(
+            producer, lambda: nats_cluster.kill(leader), timeout_each=20.0)
+        assert slowest < 26, f"a send took {slowest:.1f}s"
+        assert len(confirmed) >= 450, f"only {len(confirmed)} of 600 confirmed ({failed[:3]})"
+        await until(lambda: got >= set(confirmed), timeout=60,
+                    what=f"every confirmed message ({len(set(confirmed) - got)} missing)")
+        assert time.monotonic() - began < 90
+        await consumer.stop()
+        await producer.close()
+
+
+class RedisSentinels:
+    """A Redis master, two replicas and three sentinels of the test's own on loopback ports."""
+
+    def __init__(self, base: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed here")
+        self.ports = [free_port() for _ in range(3)]
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        for i, port in enumerate(self.ports):
+            args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(base), "--save", "",
+                    "--dbfilename", f"r{i}.rdb"]
+            if i:
+                args += ["--replicaof", "127.0.0.1", str(self.ports[0])]
+            self.processes[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+        for i, port in enumerate(self.sentinel_ports):
+            config = base / f"sentinel-{i}.conf"
+            config.write_text(f"port {port}\nbind 127.0.0.1\nsentinel monitor m 127.0.0.1 {self.ports[0]} 2\n"
+                              "sentinel down-after-milliseconds m 1000\nsentinel failover-timeout m 5000\n")
+            self.processes[port] = subprocess.Popen([binary, str(config), "--sentinel"], stdout=subprocess.DEVNULL)
+        self.url = "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports) + "/m"
+
+    def kill(self, port: int) -> None:
+        process = self.processes.pop(port, None)
+        if process is not None:
+            process.kill()
+            process.wait()
+
+    def stop(self) -> None:
+        for port in list(self.processes):
+            self.kill(port)
+
+
+@pytest.fixture
+async def redis_sentinels(tmp_path: Path) -> Any:
+    pytest.importorskip("redis")
+    import redis.asyncio
+    sentinels = RedisSentinels(tmp_path)
+    try:
+        deadline = time.monotonic() + 45
+        while True:  # the replicas in sync, and every sentinel knowing both replicas and the other two:
+            try:         # a sentinel that learnt of a replica after the kill could not promote it
+                master = redis.asyncio.Redis(port=sentinels.ports[0])
+                ready = (await master.info("replication"))["connected_slaves"] == 2
+                await master.aclose()
+                for port in sentinels.sentinel_ports:
+                    sentinel = redis.asyncio.Redis(port=port)
+                    replicas = await sentinel.execute_command("SENTINEL", "REPLICAS", "m")
+                    known = await sentinel.execute_command("SENTINEL", "SENTINELS", "m")
+                    await sentinel.aclose()
+                    ready = ready and len(known) == 2 and len(replicas) == 2 and all(
+                        "s_down" not in str(replica) and "disconnected" not in str(replica) for replica in replicas)
+                if ready:
+                    break
+            except (OSError, redis.RedisError):
+                pass
+            assert time.monotonic() < deadline, "the Redis replicas and sentinels did not come up"
+            await asyncio.sleep(0.2)
+        yield sentinels
+    finally:
+        sentinels.stop()
+
+
+@cluster
+@pytest.mark.timeout(300)
+class TestRedisSentinel:
+    """Against the tests' own Redis master, two replicas and three sentinels (STREAMTOOLS_CLUSTER_TESTS=1)."""
+
+    async def test_a_master_killed_mid_stream_with_wait_loses_nothing_confirmed(
+            self, redis_sentinels: RedisSentinels) -> None:
+        queue = f"st-sentinel-{uuid.uuid4().hex[:8]}"
+        options = {"url": redis_sentinels.url, "send_timeout": 20.0}
+        got: set[int] = set()
+        consumer = CONSUMER_LOOPS[REDIS](queue, prefetch=20, claim_idle=2.0, **options)
+        consumer()(got.add)
+        await consumer.start()
+        producer = PRODUCERS[REDIS](queue, wait_replicas=1, **options)
+        await producer.a_init()
+        confirmed, failed, slowest = await stream_through_a_kill(
+            producer, lambda: redis_sentinels.kill(redis_sentinels.ports[0]), timeout_each=20.0)
+        assert slowest < 26, f"a send took {slowest:.1f}s"
+        assert len(confirmed) >= 450, f"only {len(confirmed)} of 600 confirmed ({failed[:3]})"
+        await until(lambda: got >= set(confirmed), timeout=60,
+                    what=f"every confirmed message ({len(set(confirmed) - got)} missing)")
+        await consumer.stop()
+        await producer.close()
+
+    async def test_without_wait_a_failover_carries_on_and_says_what_it_lost(
+            self, redis_sentinels: RedisSentinels, capsys: pytest.CaptureFixture[str]) -> None:
+        queue = f"st-sentinel-{uuid.uuid4().hex[:8]}"
+        options = {"url": redis_sentinels.url, "send_timeout": 20.0}
+        got: set[int] = set()
+        consumer = CONSUMER_LOOPS[REDIS](queue, prefetch=20, claim_idle=2.0, **options)
+        consumer()(got.add)
+        await consumer.start()
+        producer = PRODUCERS[REDIS](queue, **options)
+        await producer.a_init()
+        confirmed, failed, slowest = await stream_through_a_kill(
+            producer, lambda: redis_sentinels.kill(redis_sentinels.ports[0]), timeout_each=20.0)
+        after = max(confirmed)
+        await until(lambda: after in got, timeout=60, what="the last message, sent after the failover")
+        await asyncio.sleep(2)
+        lost = set(confirmed) - got
+        with capsys.disabled():  # the README quotes it
+            print(f"\nRedis failover without WAIT: {len(lost)} of {len(confirmed)} confirmed messages lost")
+        assert len(lost) < len(confirmed) // 2
+        await consumer.stop()
+        await producer.close()
+
+    async def test_the_sentinel_url_is_checked_and_its_password_never_shown(self) -> None:
+        for bad in ("redis+sentinel://127.0.0.1:26379", "redis+sentinel:///m", "redis+sentinel://h:1/m/x"):
+            with pytest.raises(streamtools.ConfigError, match="redis\\+sentinel://host:port"):
+                PRODUCERS[REDIS]("q", url=bad)
+        producer = PRODUCERS[REDIS]("q", url="redis+sentinel://u:s3cret@127.0.0.1:1/m", connect_timeout=0.5)
+        with pytest.raises(streamtools.ConnectionFailed) as info:
+            await producer.a_init()
+        assert "s3cret" not in str(info.value)
+
+
+class TestFaults:
+    """NATS and Redis through a loopback proxy that adds latency, blackholes and resets."""
+
+    @pytest.mark.parametrize("kind", [NATS, REDIS])
+    async def test_latency_a_blackhole_and_resets_lose_no_confirmed_message(self, kind: str) -> None:
+        kit = Kit(kind)
+        server = SERVERS[kind]
+        assert server.proxied is not None
+        got: set[int] = set()
+        confirmed: list[int] = []
+        try:
+            async with TcpProxy(server.port) as proxy:
+                options = {**server.proxied(proxy.port), "send_timeout": 4.0}
+                consumer = kit.consumer(**options)
+                consumer()(got.add)
+                await consumer.start()
+                producer = await kit.producer(**options)
+                proxy.latency = 0.05  # each way
+                began = time.monotonic()
+                for n in range(40):
+                    await producer.send(n)
+                    confirmed.append(n)
+                assert time.monotonic() - began < 40 * 0.5, "sane throughput at 50 ms each way"
+                proxy.blackhole = True  # bytes vanish, nothing closes: a dead link
+
+                async def send_during(first: int) -> None:
+                    n = first
+                    while time.monotonic() - holed < 10:
+                        sent = time.monotonic()
+                        try:
+                            await asyncio.wait_for(producer.send(n), 10)  # a hang fails the test
+                            confirmed.append(n)
+                        except streamtools.SendError:
+                            assert time.monotonic() - sent < 4.0 + 2, "a send outlived its timeout"
+                        n += 1
+
+                holed = time.monotonic()
+                await asyncio.gather(*(send_during(1000 * k) for k in range(1, 4)))
+                proxy.blackhole = False
+                proxy.latency = 0.0
+                proxy.drop()  # the dead link finally resets
+                for n in range(10_000, 10_100):
+                    await producer.send(n)
+                    confirmed.append(n)
+                await until(lambda: got >= set(confirmed), timeout=60,
+                            what=f"every confirmed message ({len(set(confirmed) - got)} missing)")
+        finally:
+            await kit.close()
+
+
+###############################################################################
+# Transports: Amazon SQS ######################################################
+###############################################################################
+
+
+@pytest.fixture
+async def sqs() -> Any:
+    kit = Kit(SQS)
+    yield kit
+    await kit.close()
+
+
+class TestSQS:
+    async def test_names_map_to_sqs_names_and_a_collision_is_refused(self, sqs: Kit) -> None:
+        assert streamtools._sqs_name("orders.dead") == "orders-dead"
+        dotted = await sqs.producer(f"{sqs.queue}.x")
+        await dotted.send(1)
+        with pytest.raises(streamtools.ConfigError, match=r"maps to the SQS queue .*, which belongs to queue .*\.x"):
+            await sqs.producer(f"{sqs.queue}-x")
+        sqs.queues.discard(f"{sqs.queue}-x")  # the other one's: deleted with it
+        got: list[Any] = []
+        consumer = sqs.consumer(f"{sqs.queue}.x")
+        consumer()(got.append)
+        await consumer.start()
+        await until(lambda: got == [1], what="the message of the dotted queue, the other one refused")
+
+    async def test_a_message_over_256_kib_is_a_clear_send_error(self, sqs: Kit) -> None:
+        producer = await sqs.producer()
+        with pytest.raises(streamtools.SendError, match="over SQS's limit of 262144 bytes"):
+            await producer.send("x" * 300_000)
+        with pytest.raises(streamtools.BatchSendError) as info:
+            await producer.send_many(["small", "x" * 300_000])
+        assert list(info.value.failed) == [1]
+        got: list[Any] = []
+        consumer = sqs.consumer()
+        consumer()(got.append)
+        await consumer.start()
+        await until(lambda: got == ["small"], what="only the message within the limit")
+
+    async def test_a_long_handler_keeps_its_message_invisible(self, sqs: Kit) -> None:
+        runs: list[str] = []
+        first = sqs.consumer(visibility_timeout=2)
+        second = sqs.consumer(visibility_timeout=2)
+
+        async def slow(msg: Any) -> None:
+            runs.append(msg)
+            await asyncio.sleep(5)  # two and a half visibility timeouts
+
+        first()(slow)
+        second()(slow)
+        await first.start()
+        await second.start()
+        await (await sqs.producer()).send("long")
+        await until(lambda: runs, what="the first run")
+        await asyncio.sleep(6)
+        assert runs == ["long"]
+
+    async def test_stop_makes_unfinished_messages_visible_at_once(self, sqs: Kit) -> None:
+        release = asyncio.Event()
+        consumer = sqs.consumer(visibility_timeout=60)
+
+        @consumer()
+        async def stuck(msg: Any) -> None:
+            await release.wait()
+
+        await consumer.start()
+        await (await sqs.producer()).send("again")
+        await until(lambda: consumer._active, what="the handler running")
+        await consumer.stop(timeout=0.2)
+        got: list[Any] = []
+        began = time.monotonic()
+        other = sqs.consumer(visibility_timeout=60)
+        other()(got.append)
+        await other.start()
+        await until(lambda: got == ["again"], timeout=15, what="the message, long before 60 s")
+        assert time.monotonic() - began < 15
+
+    async def test_a_prefetch_above_ten_runs_that_many_handlers(self, sqs: Kit) -> None:
+        running, most = 0, 0
+        consumer = sqs.consumer(prefetch=25)
+
+        @consumer()
+        async def work(msg: Any) -> None:
+            nonlocal running, most
+            running += 1
+            most = max(most, running)
+            await asyncio.sleep(3)
+            running -= 1
+
+        producer = await sqs.producer()
+        await producer.send_many(list(range(25)))
+        await consumer.start()
+        await until(lambda: most >= 21, timeout=20, what="more than two receives' worth of handlers at once")
+
+    async def test_the_reply_queue_is_deleted_on_close(self, sqs: Kit) -> None:
+        consumer = sqs.consumer()
+        consumer()(lambda msg: msg * 2)
+        await consumer.start()
+        producer = await sqs.producer(consumer)
+        assert await producer.request(21, timeout=20) == 42
+        address = producer._replies_ready.result()  # type: ignore[union-attr]
+        await producer.close()
+        import aiobotocore.session
+        async with aiobotocore.session.get_session().create_client(
+                "sqs", region_name="us-east-1", endpoint_url=SERVERS[SQS].options["endpoint_url"]) as client:
+            urls = (await client.list_queues(QueueNamePrefix="streamtools-reply-")).get("QueueUrls", [])
+        assert address not in urls
+
+
+###############################################################################
+# Transports: PostgreSQL ######################################################
+###############################################################################
+
+
+@pytest.fixture
+async def pg() -> Any:
+    kit = Kit(POSTGRES)
+    yield kit
+    await kit.close()
+
+
+@contextlib.contextmanager
+def own_postgres() -> Iterator[int]:
+    """A PostgreSQL of the test's own (initdb, pg_ctl as the postgres user) on a
+    free loopback port, trust auth; stopped by its PID and removed."""
+    pg_bin = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None) if \
+        Path("/usr/lib/postgresql").is_dir() else None
+    initdb = shutil.which("initdb") or (pg_bin and str(pg_bin / "initdb"))
+    postgres = shutil.which("postgres") or (pg_bin and str(pg_bin / "postgres"))
+    if not initdb or not postgres or not Path(postgres).exists():
+        pytest.skip("PostgreSQL's initdb and postgres are not installed here")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data = Path(tempfile.mkdtemp(prefix="st-pg-"))
+    if as_user:
+        shutil.chown(data, "postgres")
+    subprocess.run([*as_user, initdb, "-D", str(data / "db"), "-A", "trust", "-U", "root"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    port = free_port()
+    command = [*as_user, postgres, "-D", str(data / "db"), "-p", str(port), "-c", "listen_addresses=127.0.0.1",
+               "-c", f"unix_socket_directories={data}", "-c", "fsync=off"]
+    server: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        server.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 30
+        while subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode != 0:
+            assert time.monotonic() < deadline and server[-1].poll() is None, "postgres did not start"
+            time.sleep(0.1)
+
+    def stop() -> None:
+        pid = int((data / "db" / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGINT)  # a fast shutdown: what is committed is on disk
+        server[-1].wait(30)
+        deadline = time.monotonic() + 30
+        while (data / "db" / "postmaster.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    start()
+    own_postgres.restart = lambda: (stop(), start())  # type: ignore[attr-defined]
+    try:
+        yield port
+    finally:
+        stop()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+class TestPostgres:
+    async def connection(self) -> Any:
+        import asyncpg
+        return await asyncpg.connect(PG_DSN)
+
+    async def test_send_in_a_transaction_is_delivered_if_and_only_if_it_commits(self, pg: Kit) -> None:
+        got: list[Any] = []
+        consumer = pg.consumer(poll=30.0)  # woken by the commit's notification, not a poll
+        consumer()(got.append)
+        await consumer.start()
+        producer = await pg.producer()
+        conn = await self.connection()
+        try:
+            with contextlib.suppress(ZeroDivisionError):
+                async with conn.transaction():
+                    await producer.send("rolled back", connection=conn)
+                    raise ZeroDivisionError
+            async with conn.transaction():
+                await producer.send_many(["committed", "too"], connection=conn)
+                await producer.send("with them", connection=conn)
+                await asyncio.sleep(1.0)
+                assert got == []  # nothing visible before the commit
+            began = time.monotonic()
+            await until(lambda: sorted(got) == ["committed", "too", "with them"], what="the committed messages")
+            assert time.monotonic() - began < 3
+            await asyncio.sleep(0.5)
+            assert "rolled back" not in got
+        finally:
+            await conn.close()
+
+    async def test_a_row_another_client_inserts_is_handled(self, pg: Kit) -> None:
+        got: list[Any] = []
+        consumer = pg.consumer(poll=30.0)
+        consumer()(lambda msg: got.append((msg, current_message().headers)))
+        await consumer.start()
+        await asyncio.sleep(0.3)
+        conn = await self.connection()
+        try:
+            await conn.execute(f'INSERT INTO "{PG_SCHEMA}".messages (queue, content_type, headers, body) '
+                               "VALUES ($1, 'application/json', '{\"n\": 5}', $2)", pg.queue, b'{"from": "sql"}')
+            await until(lambda: got, timeout=3, what="the row, woken by its notification")
+            assert got == [({"from": "sql"}, {"n": 5})]
+            await conn.execute(f'INSERT INTO "{PG_SCHEMA}".messages (queue, headers, body) VALUES ($1, $2, $3)',
+                               pg.queue, "[1]", b"x")
+            dead: list[Any] = []
+            dead_consumer = pg.consumer(f"{pg.queue}.dead")
+            dead_consumer()(lambda msg: dead.append(current_message().headers))
+            await dead_consumer.start()
+            await until(lambda: dead, what="the row with unreadable headers, dead-lettered")
+            assert "not a JSON object" in dead[0]["x-error"]
+        finally:
+            await conn.close()
+
+    async def test_a_server_restart_loses_nothing_confirmed(self, tmp_path: Path) -> None:
+        require(POSTGRES)
+        with own_postgres() as port:
+            options = {"dsn": f"postgresql://root@127.0.0.1:{port}/postgres", "schema": "st",
+                       "connect_timeout": 30.0, "send_timeout": 30.0}
+            got: set[int] = set()
+            consumer = streamtools.PostgresConsumer("jobs", prefetch=10, lease=5.0, poll=0.5, **options)
+            consumer()(lambda n: got.add(n))
+            producer = streamtools.PostgresProducer("jobs", **options)
+            await consumer.start()
+            try:
+                await producer.send_many(list(range(200)))
+                await asyncio.to_thread(own_postgres.restart)  # type: ignore[attr-defined]
+                await producer.send_many(list(range(200, 400)))  # retried through the restart
+                await until(lambda: len(got) == 400, timeout=60, what="every confirmed message")
+                assert consumer.ready
+            finally:
+                await consumer.stop(timeout=2)
+                await producer.close()
+
+    async def test_the_outbox_feeds_rabbitmq_in_order_only_what_committed(self, pg: Kit, rmq: Kit) -> None:
+        outbox = streamtools.Outbox(PG_DSN, schema=PG_SCHEMA)
+        orders = outbox.producer("rabbitmq", rmq.queue)
+        pg.producers.append(orders)
+        got: list[Any] = []
+        consumer = rmq.consumer()
+        consumer()(lambda msg: got.append((msg, current_message().headers.get("n"))))
+        await consumer.start()
+        conn = await self.connection()
+        relays = [outbox.relay(targets={"rabbitmq": rmq.options()}, poll=30.0) for _ in range(2)]
+        try:
+            with contextlib.suppress(ZeroDivisionError):
+                async with conn.transaction():
+                    await orders.send("never", connection=conn)
+                    raise ZeroDivisionError
+            async with conn.transaction():
+                for i in range(300):
+                    await orders.send(i, headers={"n": i}, connection=conn)
+            for relay in relays:  # two relays: one relays the queue, in order
+                await relay.start()
+            await until(lambda: len(got) >= 300, timeout=30, what="the committed messages, through the relay")
+            assert [body for body, _ in got] == list(range(300)) and all(body == n for body, n in got)
+            for _ in range(50):  # each row deleted once its broker confirmed it
+                left = await conn.fetchval(f'SELECT count(*) FROM "{PG_SCHEMA}".outbox WHERE queue = $1', rmq.queue)
+                if left == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert left == 0
+        finally:
+            for relay in relays:
+                await relay.stop()
+            await conn.close()
+
+    async def test_a_relay_killed_mid_batch_loses_nothing(self, pg: Kit, rmq: Kit, tmp_path: Path) -> None:
+        outbox = streamtools.Outbox(PG_DSN, schema=PG_SCHEMA)
+        orders = outbox.producer("rabbitmq", rmq.queue)
+        pg.producers.append(orders)
+        await orders.send_many(list(range(3000)))
+        got: list[int] = []
+        consumer = rmq.consumer(prefetch=100)
+        consumer()(got.append)
+        await consumer.start()
+        relay = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "streamtools", "-q", "relay", "--dsn", PG_DSN, "--schema", PG_SCHEMA,
+            env=child_env(RMQ_URL=RMQ_URL), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            await until(lambda: len(got) >= 300, timeout=30, what="the relay forwarding")
+        finally:
+            relay.kill()
+            await relay.wait()
+        assert len(set(got)) < 3000, "the relay finished before it was killed: nothing was tested"
+        second = outbox.relay(targets={"rabbitmq": rmq.options()}, lease=2.0)
+        await second.start()
+        try:
+            await until(lambda: set(got) == set(range(3000)), timeout=60, what="every message, at least once")
+        finally:
+            await second.stop()
+
+
 ###############################################################################
 # Observability: hooks, metrics, tracing ######################################
 ###############################################################################
