@@ -3178,20 +3178,24 @@ class TestSQS:
 
     async def test_a_prefetch_above_ten_runs_that_many_handlers(self, sqs: Kit) -> None:
         running, most = 0, 0
+        enough = asyncio.Event()
         consumer = sqs.consumer(prefetch=25)
 
         @consumer()
-        async def work(msg: Any) -> None:
+        async def work(msg: Any) -> None:  # each holds its slot until more than two receives' worth run
             nonlocal running, most
             running += 1
             most = max(most, running)
-            await asyncio.sleep(3)
+            if most >= 21:
+                enough.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(enough.wait(), 25)
             running -= 1
 
         producer = await sqs.producer()
         await producer.send_many(list(range(25)))
         await consumer.start()
-        await until(lambda: most >= 21, timeout=20, what="more than two receives' worth of handlers at once")
+        await until(lambda: most >= 21, timeout=25, what="more than two receives' worth of handlers at once")
 
     async def test_the_reply_queue_is_deleted_on_close(self, sqs: Kit) -> None:
         consumer = sqs.consumer()
