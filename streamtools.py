@@ -1641,7 +1641,11 @@ class Producer(_Endpoint):
             await asyncio.gather(*self._batches, return_exceptions=True)
         if self._ready:
             self._ready = False
+            await self.stop_replies()
             await self.disconnect()
+
+    async def stop_replies(self) -> None:
+        """Transport hook, before :meth:`disconnect` on ``close()``: stop listening for replies."""
 
     async def __aenter__(self) -> Self:
         await self._ensure_open()
@@ -2469,7 +2473,7 @@ class PumpedReplies(BrokerEndpoint, Producer):
     """A producer that reads its replies from an address of its own (a
     topic, a stream, a queue) with one task, and deletes that address when it
     closes. A transport writes :meth:`open_replies`, :meth:`read_replies` and
-    :meth:`close_replies`, and calls :meth:`stop_replies` in ``disconnect``."""
+    and :meth:`close_replies`; ``close()`` stops the pump before ``disconnect``."""
 
     _reply_pump: asyncio.Task[None] | None = None
 
@@ -3102,7 +3106,6 @@ class RabbitMQProducer(_RabbitMQEndpoint, Producer):
     delays = True
 
     async def connect(self) -> None:
-        self._replies_ready = None
         self._reply_tag: str | None = None
         await self._link.open(self.queue_name)
 
@@ -4133,13 +4136,11 @@ class KafkaProducer(_KafkaEndpoint, PumpedReplies):
     delays = True
 
     async def connect(self) -> None:
-        self._replies_ready = None
         self._reply_consumer: Any = None
         await self.ensure_topic(self.queue_name)
         await self._producing()
 
     async def disconnect(self) -> None:
-        await self.stop_replies()
         await self._stop_producer()
 
     async def publish(self, message: Message, timeout: float | None, key: Any = None, delay: float | None = None,
@@ -4582,7 +4583,6 @@ class NATSProducer(_NATSEndpoint, Producer):
     delays = True
 
     async def connect(self) -> None:
-        self._replies_ready = None
         await self._open()
         try:
             await self.ensure_stream(self.stream, self.subject)
@@ -4996,14 +4996,9 @@ class RedisProducer(_RedisEndpoint, PumpedReplies):
     delays = True
 
     async def connect(self) -> None:
-        self._replies_ready = None
         self._reply_last = "0-0"
         await self._open()
         self._delay_script = self._r.register_script(_REDIS_DELAY)
-
-    async def disconnect(self) -> None:
-        await self.stop_replies()
-        await super().disconnect()
 
     async def publish(self, message: Message, timeout: float | None, delay: float | None = None,
                       **flags: Any) -> None:
@@ -5412,12 +5407,7 @@ class SQSProducer(_SQSEndpoint, PumpedReplies):
     delays = True
 
     async def connect(self) -> None:
-        self._replies_ready = None
         await self._open()
-
-    async def disconnect(self) -> None:
-        await self.stop_replies()
-        await super().disconnect()
 
     async def publish(self, message: Message, timeout: float | None, delay: float | None = None,
                       **flags: Any) -> None:
@@ -5811,12 +5801,7 @@ class PostgresProducer(_PostgresEndpoint, PumpedReplies):
     delays = True
 
     async def connect(self) -> None:
-        self._replies_ready = None
         await self._open()
-
-    async def disconnect(self) -> None:
-        await self.stop_replies()
-        await super().disconnect()
 
     async def publish(self, message: Message, timeout: float | None, delay: float | None = None,
                       connection: Any = None, **flags: Any) -> None:
