@@ -1178,7 +1178,7 @@ def _observe() -> None:
 ###############################################################################
 
 # The legacy library's ways of naming queues, passing send arguments and
-# registering handlers, gathered here; the base classes call these.
+# registering handlers, gathered here; the base classes and HTTP call these.
 
 
 def _legacy_queue_name(queue_name: str, queues_labels: Mapping[str, Any] | None) -> str:
@@ -1272,6 +1272,31 @@ def _legacy_route(consumer: Consumer, route: str, override: bool) -> None:
         if consumer._ready:
             raise ConfigError(f"{consumer!r} is serving already: route {route!r} comes too late")
         consumer.queue_name = consumer._check_name(route)
+
+
+def _takes_request(fn: Callable[..., Any]) -> bool:
+    """Legacy HTTP handlers take the aiohttp ``Request``: their first
+    parameter is annotated ``web.Request`` or named ``request``."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if not params:
+        return False
+    annotation = params[0].annotation
+    if isinstance(annotation, str):  # postponed annotations
+        return annotation.rpartition(".")[2] in ("Request", "BaseRequest")
+    if annotation is not inspect.Parameter.empty:
+        return getattr(annotation, "__name__", "") in ("Request", "BaseRequest") and \
+            getattr(annotation, "__module__", "").startswith("aiohttp")
+    return params[0].name == "request"
+
+
+def _legacy_json_text(msg: Any, tag: str | None) -> str | None:
+    """Legacy HTTP services sent ``json.dumps(obj)``: such a string goes as the JSON it is."""
+    if isinstance(msg, str) and not tag and msg.lstrip().startswith(("{", "[")) and _is_json_text(msg):
+        return JSON
+    return None
 
 
 ###############################################################################
@@ -1377,17 +1402,23 @@ class _Endpoint(abc.ABC):
             self._init_lock = asyncio.Lock()
         async with self._init_lock:
             if not self._ready:
-                await self.connect()
+                try:
+                    await self.connect()
+                except BaseException:  # what it opened before it failed is released
+                    await _closing(f"closing {self!r} after a failed connect", self.disconnect())
+                    raise
                 self._ready = True
 
     @abc.abstractmethod
     async def connect(self) -> None:
         """Transport hook (services call ``a_init()``): connect and declare
-        the queue; raise :class:`ConnectionFailed` otherwise."""
+        the queue; raise :class:`ConnectionFailed` otherwise (``disconnect``
+        then releases what it opened)."""
 
     @abc.abstractmethod
     async def disconnect(self) -> None:
-        """Transport hook: release what ``connect`` took; bounded in time, never raises."""
+        """Transport hook: release what ``connect`` took, also after a
+        ``connect`` that failed half-way; bounded in time, never raises."""
 
 
 _ReplyFuture = asyncio.Future["Message"]
@@ -1905,9 +1936,15 @@ class Consumer(_Endpoint):
                 for task in late:
                     task.cancel()
                 await asyncio.wait(late)
+        if self._running:
+            await self.drained()
         self._running = False
         self._ready = False
         await self.disconnect()
+
+    async def drained(self) -> None:
+        """Transport hook: at ``stop()``, every handler finished (or was
+        cancelled, its message handed back); ``disconnect`` comes next."""
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -2311,6 +2348,23 @@ class BrokerEndpoint(_Endpoint):
         except self.failures + self.lost as exc:
             raise SendError(f"{self.broker} at {self.where} refused {what}: {self.cause(exc)}") from None
 
+    async def confirmations(self, acks: list[Any], timeout: float | None, what: str) -> list[Any]:
+        """For transports that pipeline sends: wait for each future of
+        ``acks`` (an exception stands for a send that failed at once) until
+        ``timeout`` (the send timeout); each one's error or None, in order,
+        :class:`SendError` for ``what`` those not confirmed by then."""
+        timeout = self.send_timeout if timeout is None else timeout
+        with contextlib.suppress(TimeoutError):
+            # In order rather than gathered: a batch is confirmed at once, so most futures are done
+            # by the time their turn comes, and none costs a callback.
+            async with asyncio.timeout(timeout):
+                for ack in acks:
+                    if not isinstance(ack, BaseException) and not ack.done():
+                        await asyncio.wait((ack,))
+        late = SendError(f"{self.broker} at {self.where} did not confirm {what} within {timeout}s")
+        return [ack if isinstance(ack, BaseException) else late if not ack.done() else
+                SendError(f"sending {what} was cancelled") if ack.cancelled() else ack.exception() for ack in acks]
+
     async def ensure_once(self, name: str, create: Callable[[], Awaitable[None]]) -> None:
         """For transports: run ``create`` (make a topic, a stream, a queue)
         once per event loop for ``name`` on this broker, however many callers
@@ -2369,18 +2423,33 @@ class PullingConsumer(BrokerEndpoint, BrokeredConsumer):
     a quarter of them finished, handed to ``prefetch`` worker tasks.
 
     A transport writes :meth:`fetch` (up to ``room`` raw messages),
-    :meth:`received` (a raw message as a :class:`Message`), :meth:`acknowledge`
-    and, as its broker allows, :meth:`hand_back`, :meth:`hold` (a failed
-    attempt waits on the broker), :meth:`unstarted` and :meth:`background`.
+    :meth:`received` (a raw message as a :class:`Message`), either
+    :meth:`acknowledge` or :meth:`acknowledge_many` (the messages that
+    finished in a turn of the event loop, at once) and, as its broker allows,
+    :meth:`hand_back`, :meth:`hold` (a failed attempt waits on the broker),
+    :meth:`unstarted`, :meth:`background`, and with ``lease_interval`` set,
+    :meth:`extend_leases`.
     """
+
+    #: Seconds between extensions of the lease of messages whose handler
+    #: still runs, where the broker gives a message held too long to another
+    #: consumer (:meth:`extend_leases`); None: no lease.
+    lease_interval: float | None = None
+    _acker: asyncio.Task[None] | None = None
 
     async def start_intake(self) -> None:
         self._in_flight = 0
         self._room = asyncio.Event()
         self._fetching = True
         self._inbox = _Inbox()
-        self._start_workers(self._inbox, self.received)
-        self._tasks = [asyncio.create_task(self._pull()), *map(asyncio.create_task, self.background())]
+        self._leased: dict[int, tuple[Message, float]] = {}
+        self._acks_due: list[Message] = []
+        self._acks_wake = asyncio.Event()
+        self._acks_closing = False
+        self._start_workers(self._inbox, self.received if self.lease_interval is None else self._lease)
+        self._acker = asyncio.create_task(self._ack_batches())
+        background = [*self.background(), *([self._keep_leases()] if self.lease_interval else [])]
+        self._tasks = [asyncio.create_task(self._pull()), *map(asyncio.create_task, background)]
 
     async def _pull(self) -> None:
         low_water = max(1, self.prefetch // 4)  # fetch in batches, not a message per finished handler
@@ -2415,23 +2484,61 @@ class PullingConsumer(BrokerEndpoint, BrokeredConsumer):
         self._inbox.items.clear()
         await self.unstarted(left)
 
-    def _settled(self) -> None:
+    def _settled(self, message: Message) -> None:
         self._in_flight -= 1
         self._room.set()
+        if self._leased:
+            self._leased.pop(id(message), None)
 
     async def ack(self, message: Message) -> None:
-        self._settled()
+        self._settled(message)
         await self.acknowledge(message)
 
     async def requeue(self, message: Message) -> None:
-        self._settled()
+        self._settled(message)
         await self.hand_back(message)
 
     async def retry_later(self, message: Message, delay: float) -> bool:
         if not await self.hold(message, delay):
             return False
-        self._settled()
+        self._settled(message)
         return True
+
+    def _lease(self, raw: Any) -> Message:
+        message = self.received(raw)
+        self._leased[id(message)] = (message, time.monotonic())
+        return message
+
+    async def _keep_leases(self) -> None:
+        """Extend the leases of messages whose handler still runs, so the
+        broker does not give them to another consumer meanwhile."""
+        interval = self.lease_interval or 1.0
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            long = [message for message, started in self._leased.values() if now - started >= interval]
+            if long:
+                await _closing(f"extending leases of {self.queue_name!r}", self.extend_leases(long))
+
+    async def _ack_batches(self) -> None:
+        """Hand :meth:`acknowledge_many` the messages that finished, a turn of
+        the event loop's at a time, until :meth:`drained` (not cancelled:
+        taken acknowledgements would be lost)."""
+        while not (self._acks_closing and not self._acks_due):
+            await self._acks_wake.wait()
+            self._acks_wake.clear()
+            messages, self._acks_due = self._acks_due, []
+            if messages:
+                try:
+                    await self.acknowledge_many(messages)
+                except Exception:  # the broker delivers them again
+                    log.exception("acknowledging %d messages of %r failed", len(messages), self.queue_name)
+
+    async def drained(self) -> None:
+        if self._acker is not None:
+            self._acks_closing = True
+            self._acks_wake.set()
+            await asyncio.gather(self._acker, return_exceptions=True)
 
     @abc.abstractmethod
     async def fetch(self, room: int) -> list[Any]:
@@ -2443,10 +2550,21 @@ class PullingConsumer(BrokerEndpoint, BrokeredConsumer):
         """Transport hook: the :class:`Message` of a raw one; raises
         ``_Unreadable`` for one whose envelope cannot be read."""
 
-    @abc.abstractmethod
     async def acknowledge(self, message: Message) -> None:
         """Transport hook: the broker forgets the message; never raises (a
-        failure means it is delivered again)."""
+        failure means it is delivered again). By default it goes in the next
+        :meth:`acknowledge_many`."""
+        self._acks_due.append(message)
+        self._acks_wake.set()
+
+    async def acknowledge_many(self, messages: list[Message]) -> None:
+        """Transport hook, where :meth:`acknowledge` is not overridden: the
+        broker forgets these messages; never raises."""
+        raise NotImplementedError
+
+    async def extend_leases(self, messages: list[Message]) -> None:
+        """Transport hook, with ``lease_interval``: the broker keeps these
+        messages for this consumer for another lease."""
 
     async def hand_back(self, message: Message) -> None:
         """Transport hook: an unfinished message goes back to the broker now
@@ -2692,11 +2810,6 @@ class _Nacked(Exception):
     """RabbitMQ refused a publish (``Basic.Nack``): retried on a fresh channel."""
 
 
-def _vhost(url: str) -> str:
-    path = urllib.parse.urlsplit(url).path
-    return urllib.parse.unquote(path[1:]) if len(path) > 1 else "/"
-
-
 def _delay_ms(delay: float) -> int:
     """A delay in milliseconds, rounded up to two significant digits (at most
     10% later): every message of a delay queue waits as long, so none waits
@@ -2880,6 +2993,12 @@ class _AMQPLink:
                         "it, and streamtools declares it durable", name, self.owner.where)
         self.declared[name] = time.monotonic()
 
+    async def declared_once(self, name: str, arguments: dict[str, Any] | None = None) -> str:
+        """``name``, declared when first needed."""
+        if name not in self.declared:
+            await self.declare(name, arguments)
+        return name
+
     async def _reopen(self) -> None:
         fresh = await self.connection.channel(publisher_confirms=True, on_return_raises=True)
         if self.prefetch:
@@ -2924,6 +3043,13 @@ class _AMQPLink:
         if self.connection is not None:
             self.connection = None
             await self._release()
+
+    async def cancel(self, tag: str, what: str) -> None:
+        """Cancel the consumer ``tag`` of this link's channel."""
+        async def cancel() -> None:
+            await (await self.channel.get_underlay_channel()).basic_cancel(tag)
+
+        await _closing(f"cancelling {what}", cancel())
 
     async def delete(self, *queues: str) -> None:
         """Delete ``queues``."""
@@ -3070,9 +3196,10 @@ class _RabbitMQEndpoint(BrokerEndpoint):
 
     def refusal(self, exc: BaseException) -> str:
         """What a refused connection's error says to fix."""
-        user = urllib.parse.unquote(urllib.parse.urlsplit(self.url).username or "")
+        parts = urllib.parse.urlsplit(self.url)
+        user, vhost = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.path[1:]) or "/"
         if isinstance(exc, self.aiormq.exceptions.ProtocolSyntaxError):  # the broker closed the handshake
-            return f"RabbitMQ at {self.where} refused vhost {_vhost(self.url)!r} for user {user!r}: it does not " \
+            return f"RabbitMQ at {self.where} refused vhost {vhost!r} for user {user!r}: it does not " \
                    "exist or the user may not use it; check RMQ_VHOST (or RMQ_URL)"
         return f"RabbitMQ at {self.where} refused user {user!r}: check RMQ_USER, RMQ_PASS and RMQ_VHOST (or RMQ_URL)"
 
@@ -3112,11 +3239,7 @@ class RabbitMQProducer(_RabbitMQEndpoint, Producer):
     async def disconnect(self) -> None:
         if self._reply_tag is not None:  # the channel is taken again: its reply consumer must go
             tag, self._reply_tag, self._link.on_renew = self._reply_tag, None, None
-
-            async def cancel() -> None:
-                await (await self._link.channel.get_underlay_channel()).basic_cancel(tag)
-
-            await _closing("cancelling the reply consumer", cancel())
+            await self._link.cancel(tag, "the reply consumer")
         await self._link.close()
 
     async def publish(self, message: Message, timeout: float | None, delay: float | None = None,
@@ -3263,11 +3386,7 @@ class RabbitMQConsumer(_RabbitMQEndpoint, BrokeredConsumer):
         self._consuming = False
         if self._consumer_tag is not None:
             tag, self._consumer_tag = self._consumer_tag, None
-
-            async def cancel() -> None:
-                await (await self._link.channel.get_underlay_channel()).basic_cancel(tag)
-
-            await _closing(f"cancelling the consumer of {self.queue_name!r}", cancel())
+            await self._link.cancel(tag, f"the consumer of {self.queue_name!r}")
 
     async def _on_message(self, delivered: Any) -> None:
         # aiormq runs this in a task of its own per message; QoS bounds how many.
@@ -3335,11 +3454,9 @@ class RabbitMQConsumer(_RabbitMQEndpoint, BrokeredConsumer):
                         correlation_id=message.correlation_id, reply_to=message.reply_to)
         try:
             out = await self._publisher()
-            if name not in out.declared:
-                # A queue per attempt: its messages all wait about as long, so one expiring at the head
-                # never holds back a shorter wait behind it; a wait ends in the consumer's queue.
-                await out.declare(name, self.dead_end(self.queue_name))
-            await out.publish(again, name, expiration=delay)
+            # A queue per attempt: its messages all wait about as long, so one expiring at the head
+            # never holds back a shorter wait behind it; a wait ends in the consumer's queue.
+            await out.publish(again, await out.declared_once(name, self.dead_end(self.queue_name)), expiration=delay)
         except Exception as exc:
             log.warning("could not hand message %s of %r to the broker for its retry (%r); it waits here",
                         message.id, self.queue_name, exc)
@@ -3349,9 +3466,7 @@ class RabbitMQConsumer(_RabbitMQEndpoint, BrokeredConsumer):
 
     async def send_to(self, queue: str, message: Message) -> None:
         out = await self._publisher()
-        if queue not in out.declared:  # declared when first needed
-            await out.declare(queue)
-        await out.publish(message, queue)
+        await out.publish(message, await out.declared_once(queue))
 
     async def send_reply(self, address: str, reply: Message) -> None:
         # Not mandatory: a requester that gave up has no reply queue any more.
@@ -3414,6 +3529,12 @@ def _http_plumbing(key: str) -> bool:
     return lower in _HTTP_PLUMBING_LOWER or lower.startswith(("x-forwarded-", "proxy-", "sec-"))
 
 
+def _http_route(queue_name: Any) -> str:
+    """The route of a queue name: "/orders" (legacy) means "orders"; "" or "/" is the root."""
+    return "" if queue_name in ("", "/") else _check_queue_name(
+        queue_name.strip("/") if isinstance(queue_name, str) else queue_name)
+
+
 def _excerpt(body: bytes, limit: int = 200) -> str:
     text = body[:limit].decode("utf-8", "replace")
     return text + ("..." if len(body) > limit else "")
@@ -3439,17 +3560,12 @@ class HTTPProducer(Producer):
     brokered = False
     send_flags = frozenset({"method", "endpoint"})
 
-    def _check_name(self, queue_name: Any) -> str:
-        # The route: "/orders" means "orders"; "" (legacy HTTPProducer()) posts to the host's root.
-        return "" if queue_name in ("", "/") else _check_queue_name(
-            queue_name.strip("/") if isinstance(queue_name, str) else queue_name)
+    _check_name = staticmethod(_http_route)
 
     def _message(self, msg: Any, headers_tag: str | None, header_tag: str | None,
                  content_type: str | None, headers: Mapping[str, Any] | None,
                  message_id: str | None) -> Message:
-        if (isinstance(msg, str) and not (headers_tag or header_tag or content_type)
-                and msg.lstrip().startswith(("{", "[")) and _is_json_text(msg)):
-            content_type = JSON  # legacy services sent json.dumps(obj): it goes as the JSON it is
+        content_type = content_type or _legacy_json_text(msg, headers_tag or header_tag)
         return super()._message(msg, headers_tag, header_tag, content_type, headers, message_id)
 
     def configure(self, host: str | None = None, endpoint: str | None = None, retries: int = 3,
@@ -3734,24 +3850,6 @@ class _HTTPServer:
         return f"{'https' if self.ssl_context else 'http'}://{host}:{self.port}/{path}"
 
 
-def _takes_request(fn: Callable[..., Any]) -> bool:
-    """Legacy HTTP handlers take the aiohttp ``Request``: their first
-    parameter is annotated ``web.Request`` or named ``request``."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    if not params:
-        return False
-    annotation = params[0].annotation
-    if isinstance(annotation, str):  # postponed annotations
-        return annotation.rpartition(".")[2] in ("Request", "BaseRequest")
-    if annotation is not inspect.Parameter.empty:
-        return getattr(annotation, "__name__", "") in ("Request", "BaseRequest") and \
-            getattr(annotation, "__module__", "").startswith("aiohttp")
-    return params[0].name == "request"
-
-
 _http_servers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[str, int], _HTTPServer]] = \
     weakref.WeakKeyDictionary()
 _http_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
@@ -3782,10 +3880,7 @@ class HTTPConsumer(Consumer):
     listens = True
     acks = False
 
-    def _check_name(self, queue_name: Any) -> str:
-        # The route: "/orders" (legacy) means "orders"; "" or "/" is the root.
-        return "" if queue_name in ("", "/") else _check_queue_name(
-            queue_name.strip("/") if isinstance(queue_name, str) else queue_name)
+    _check_name = staticmethod(_http_route)
 
     def configure(self, host: str | None = None, port: int | None = None, max_body: int = _DEFAULT_MAX_BODY,
                auth_token: str | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -4082,27 +4177,17 @@ class _KafkaEndpoint(BrokerEndpoint):
 
     async def produce(self, topic: str, message: Message, key: Any = None, timeout: float | None = None) -> None:
         """Send one record and wait for the broker's acknowledgement."""
+        producer = self._producer or await self._producing()
+        headers = [(k, v.encode()) for k, v in _KAFKA_ENVELOPE.pairs(message).items()]
         try:
             async with asyncio.timeout(timeout):  # else aiokafka's request_timeout_ms, the send timeout
-                await self._acked(topic, message, await self._enqueue(topic, message, key))
+                await (await producer.send(topic, message.data, headers=headers,
+                                           key=key.encode() if isinstance(key, str) else key))
+        except self._errors.KafkaError as exc:
+            raise self._send_error(topic, message, exc) from None
         except TimeoutError:
             raise SendError(f"Kafka at {self.where} did not acknowledge the record to {topic!r} "
                             f"within {timeout}s") from None
-
-    async def _enqueue(self, topic: str, message: Message, key: Any = None) -> Any:
-        """Hand a record to the producer's batch; return the future of its acknowledgement."""
-        producer = self._producer or await self._producing()
-        try:
-            return await producer.send(topic, message.data, key=key.encode() if isinstance(key, str) else key,
-                                       headers=[(k, v.encode()) for k, v in _KAFKA_ENVELOPE.pairs(message).items()])
-        except self._errors.KafkaError as exc:
-            raise self._send_error(topic, message, exc) from None
-
-    async def _acked(self, topic: str, message: Message, acked: Any) -> None:
-        try:
-            await acked
-        except self._errors.KafkaError as exc:
-            raise self._send_error(topic, message, exc) from None
 
     def _send_error(self, topic: str, message: Message, exc: BaseException) -> SendError:
         if isinstance(exc, self._errors.MessageSizeTooLargeError):
@@ -4166,24 +4251,9 @@ class KafkaProducer(_KafkaEndpoint, PumpedReplies):
                                        headers=[(k, v.encode()) for k, v in pairs(message).items()]))
             except errors.KafkaError as exc:
                 acks.append(self._send_error(topic, message, exc))
-        # Waited for in order rather than gathered: a partition's records are acknowledged at once,
-        # so most futures are done by the time their turn comes, and none costs a callback.
-        results: list[Any] = []
-        try:
-            async with asyncio.timeout(timeout):
-                for message, ack in zip(batch, acks):
-                    if not isinstance(ack, BaseException):
-                        if not ack.done():
-                            await asyncio.wait((ack,))
-                        error = SendError(f"sending to {topic!r} was cancelled") if ack.cancelled() \
-                            else ack.exception()
-                        ack = self._send_error(topic, message, error) \
-                            if isinstance(error, errors.KafkaError) else error
-                    results.append(ack)
-        except TimeoutError:
-            raise SendError(f"Kafka at {self.where} did not acknowledge {len(batch)} records to {topic!r} "
-                            f"within {timeout}s") from None
-        return results
+        outcomes = await self.confirmations(acks, timeout, f"the record to {topic!r}")
+        return [self._send_error(topic, message, outcome) if isinstance(outcome, errors.KafkaError) else outcome
+                for message, outcome in zip(batch, outcomes)]
 
     async def open_replies(self) -> str:
         topic = f"streamtools.reply.{_new_id()}"
@@ -4584,11 +4654,7 @@ class NATSProducer(_NATSEndpoint, Producer):
 
     async def connect(self) -> None:
         await self._open()
-        try:
-            await self.ensure_stream(self.stream, self.subject)
-        except BaseException:
-            await self.disconnect()
-            raise
+        await self.ensure_stream(self.stream, self.subject)
 
     async def _delayed(self, delay: float) -> tuple[str, Callable[[Message], dict[str, str]]]:
         """The delay stream's subject, and the headers of a message due in ``delay`` seconds."""
@@ -4618,30 +4684,16 @@ class NATSProducer(_NATSEndpoint, Producer):
                 acks.append(await js.publish_async(subject, message.data, headers=pairs(message)))
             except self.failures as exc:
                 acks.append(exc)
-        waiting = [a for a in acks if not isinstance(a, BaseException)]
-        late = False
-        try:  # nats-py's acknowledgements have no timeout of their own
-            async with asyncio.timeout(self.send_timeout if timeout is None else timeout):
-                outcomes = await asyncio.gather(*waiting, return_exceptions=True)
-        except TimeoutError:  # no time left to send again: the unacknowledged ones fail
-            late = True
-            outcomes = [a.exception() if a.done() and not a.cancelled() else
-                        SendError(f"NATS at {self.where} did not acknowledge the message to {subject!r} within "
-                                  f"{self.send_timeout if timeout is None else timeout}s") for a in waiting]
-        pending = iter(outcomes)
-        results: list[Any] = []
-        for message, ack in zip(batch, acks):
-            outcome = ack if isinstance(ack, BaseException) else next(pending)
-            if isinstance(outcome, BaseException) and not isinstance(outcome, SendError) and not late:
-                try:
-                    await self.js_publish(subject, message.data, pairs(message), timeout)
-                    outcome = None
+        # nats-py's acknowledgements have no timeout of their own; past it, the unacknowledged fail.
+        outcomes = await self.confirmations(acks, timeout, f"the message to {subject!r}")
+        for i, outcome in enumerate(outcomes):
+            if outcome is not None and not isinstance(outcome, SendError):
+                try:  # on its own, with the retries of send
+                    await self.js_publish(subject, batch[i].data, pairs(batch[i]), timeout)
+                    outcomes[i] = None
                 except SendError as exc:
-                    outcome = exc
-            elif isinstance(outcome, BaseException) and not isinstance(outcome, SendError):
-                outcome = SendError(f"NATS at {self.where} refused the message to {subject!r}: {self.cause(outcome)}")
-            results.append(outcome if isinstance(outcome, BaseException) else None)
-        return results
+                    outcomes[i] = exc
+        return outcomes
 
     async def listen_for_replies(self) -> str:
         inbox: str = self._nc.new_inbox()
@@ -4669,32 +4721,28 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
     def configure(self, *, ack_wait: float = 30.0, **options: Any) -> None:
         super().configure(**options)
         self.ack_wait = _number("ack_wait", ack_wait, float, 0.1)
+        self.lease_interval = self.ack_wait / 3  # in-progress acks for handlers that run long
 
     async def connect(self) -> None:
-        self._handling: dict[int, tuple[Any, float]] = {}
         await self._open()
-        try:
-            await self.ensure_stream(self.stream, self.subject)
-            api = self.client_module("nats.js.api")
-            # The pull batch bounds the messages in flight here; the server's max_ack_pending also
-            # counts messages waiting out a retry delay, so it gets room for them beyond prefetch.
-            config = api.ConsumerConfig(durable_name=self.stream, ack_policy=api.AckPolicy.EXPLICIT,
-                                        ack_wait=self.ack_wait, max_ack_pending=self.prefetch * 10,
-                                        max_deliver=-1, filter_subject=self.subject)
-            self._sub = await self._js.pull_subscribe(self.subject, durable=self.stream, stream=self.stream,
-                                                      config=config)
-            await self.ensure_stream(self.delay_stream, self.delay_subject)
-            config = api.ConsumerConfig(durable_name=self.delay_stream, ack_policy=api.AckPolicy.EXPLICIT,
-                                        ack_wait=30.0, max_ack_pending=-1, max_deliver=-1,
-                                        filter_subject=self.delay_subject)
-            self._delay_sub = await self._js.pull_subscribe(self.delay_subject, durable=self.delay_stream,
-                                                          stream=self.delay_stream, config=config)
-        except BaseException:
-            await self.disconnect()
-            raise
+        await self.ensure_stream(self.stream, self.subject)
+        api = self.client_module("nats.js.api")
+        # The pull batch bounds the messages in flight here; the server's max_ack_pending also
+        # counts messages waiting out a retry delay, so it gets room for them beyond prefetch.
+        config = api.ConsumerConfig(durable_name=self.stream, ack_policy=api.AckPolicy.EXPLICIT,
+                                    ack_wait=self.ack_wait, max_ack_pending=self.prefetch * 10,
+                                    max_deliver=-1, filter_subject=self.subject)
+        self._sub = await self._js.pull_subscribe(self.subject, durable=self.stream, stream=self.stream,
+                                                  config=config)
+        await self.ensure_stream(self.delay_stream, self.delay_subject)
+        config = api.ConsumerConfig(durable_name=self.delay_stream, ack_policy=api.AckPolicy.EXPLICIT,
+                                    ack_wait=30.0, max_ack_pending=-1, max_deliver=-1,
+                                    filter_subject=self.delay_subject)
+        self._delay_sub = await self._js.pull_subscribe(self.delay_subject, durable=self.delay_stream,
+                                                      stream=self.delay_stream, config=config)
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
-        return [self._keep_in_progress(), self._move_due()]
+        return [self._move_due()]
 
     async def _move_due(self) -> None:
         """Publish delayed messages to the queue's stream when they are due;
@@ -4737,7 +4785,6 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
             delivered, sequence = int(msg.metadata.num_delivered or 1), str(msg.metadata.sequence.stream)
         message.id = message.id or f"{self.stream}-{sequence}"  # another client's message, without an id
         message.attempt, message.redelivered = delivered, delivered > 1
-        self._handling[id(msg)] = (msg, time.monotonic())
         return message
 
     async def fetch(self, room: int) -> list[Any]:
@@ -4747,27 +4794,20 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
             return []
         return msgs
 
-    async def _keep_in_progress(self) -> None:
-        """Tell the server that long-running handlers still work on their
-        messages, so it does not redeliver them to another consumer meanwhile."""
-        interval = self.ack_wait / 3
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for msg, started in list(self._handling.values()):
-                if now - started >= interval:
-                    await _closing("in-progress ack", msg.in_progress())
+    async def extend_leases(self, messages: list[Message]) -> None:
+        for message in messages:
+            await _closing("an in-progress ack", message.raw.in_progress())
 
     async def _settle(self, message: Message, how: Callable[[], Awaitable[Any]], what: str) -> None:
-        self._handling.pop(id(message.raw), None)
         try:
             await how()
         except Exception as exc:  # the server redelivers it after ack_wait
             log.warning("could not %s message %s of %r (%r); the server will deliver it again",
                         what, message.id, self.queue_name, exc)
 
-    async def acknowledge(self, message: Message) -> None:
-        await self._settle(message, message.raw.ack, "acknowledge")
+    async def acknowledge_many(self, messages: list[Message]) -> None:
+        for message in messages:  # each a publish: nats-py sends them in one write
+            await self._settle(message, message.raw.ack, "acknowledge")
 
     async def hand_back(self, message: Message) -> None:
         await self._settle(message, message.raw.nak, "hand back")
@@ -4794,8 +4834,8 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
 
     async def delete_queues(self) -> None:
         """Delete the queue's stream, its delay stream and its dead-letter stream."""
-        await self._open()
         try:
+            await self._open()
             for stream in (self.stream, self.delay_stream, _nats_name(self.dead_letter_queue)):
                 try:
                     await self._js.delete_stream(stream)
@@ -4934,11 +4974,7 @@ class _RedisEndpoint(BrokerEndpoint):
             sentinel = self.client_module("redis.asyncio.sentinel").Sentinel(
                 hosts, sentinel_kwargs={"socket_connect_timeout": timeouts["socket_connect_timeout"]}, **timeouts)
             self._r = sentinel.master_for(master, db=db, **timeouts, **{k: v for k, v in login.items() if v})
-        try:
-            await self.connecting(self._r.ping)
-        except BaseException:
-            await self.disconnect()
-            raise
+        await self.connecting(self._r.ping)
 
     async def disconnect(self) -> None:
         r, self._r = self._r, None
@@ -5072,8 +5108,6 @@ class RedisConsumer(_RedisEndpoint, PullingConsumer):
         self.consumer_name = consumer_name or f"{socket.gethostname()}-{os.getpid()}-{_new_id()}"
 
     async def connect(self) -> None:
-        self._acks: list[Any] = []
-        self._acked = asyncio.Event()
         self._retries: set[asyncio.TimerHandle] = set()
         self._own = "0"  # first this member's own pending entries (a restart under the same name), then new ones
         self._next_claim = 0.0
@@ -5085,11 +5119,10 @@ class RedisConsumer(_RedisEndpoint, PullingConsumer):
             await self._r.xgroup_create(self.key, self.group, id="0", mkstream=True)
         except self._redis_errors.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
-                await self.disconnect()
                 raise ConfigError(f"cannot create consumer group {self.group!r} on {self.key!r}: {exc}") from None
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
-        return [self._flush_acks(), self._move_due()]
+        return [self._move_due()]
 
     async def _move_due(self) -> None:
         """Move delayed entries into the stream when they are due, waking at
@@ -5148,41 +5181,26 @@ class RedisConsumer(_RedisEndpoint, PullingConsumer):
             taken.append((entry_id, fields, count))
         return taken
 
-    async def _flush_acks(self) -> None:
-        """Acknowledge finished entries in batches: XACK and XDEL, one round trip."""
-        while not _cancelling():  # redis-py turns a cancellation inside a command into a ConnectionError
-            await self._acked.wait()
-            self._acked.clear()
-            await self._flush()
+    async def acknowledge_many(self, messages: list[Message]) -> None:
+        """XACK and XDEL, one round trip."""
+        ids = [message.raw for message in messages]
 
-    async def _flush(self) -> None:
-        ids, self._acks = self._acks, []
-        if not ids:
-            return
-        try:
+        async def settle() -> None:
             pipe = self._r.pipeline(transaction=False)
             pipe.xack(self.key, self.group, *ids)
             pipe.xdel(self.key, *ids)
             await pipe.execute()
-        except BaseException as exc:  # kept, for the next flush (the one at disconnect)
-            self._acks[:0] = ids
-            if not isinstance(exc, self.lost):
-                raise
-            log.warning("acknowledging %d entries of %r on Redis at %s failed (%r); retrying", len(ids),
-                        self.queue_name, self.where, exc)
+
+        try:
+            await self.sending(f"the acknowledgement of {len(ids)} entries", settle,
+                               min(self.send_timeout, self.claim_idle / 2))
+        except SendError as exc:  # still pending: claimed again after claim_idle
+            log.warning("%s; they will be delivered again", exc)
 
     async def unstarted(self, raws: list[Any]) -> None:
         """Read, not started: pending, so claimed again (or read again on a restart)."""
         for handle in self._retries:
             handle.cancel()
-
-    async def disconnect(self) -> None:
-        await self._flush()
-        await super().disconnect()
-
-    async def acknowledge(self, message: Message) -> None:
-        self._acks.append(message.raw)
-        self._acked.set()
 
     async def hold(self, message: Message, delay: float) -> bool:
         def due() -> None:
@@ -5221,8 +5239,8 @@ class RedisConsumer(_RedisEndpoint, PullingConsumer):
 
     async def delete_queues(self) -> None:
         """Delete the queue's stream (with its group) and its dead-letter stream."""
-        await self._open()
         try:
+            await self._open()
             waiting = [f"{self.delayed}:{key.decode()}" for key in await self._r.zrange(self.delayed, 0, -1)]
             await self._r.delete(self.key, f"streamtools:{self.dead_letter_queue}", self.delayed, *waiting)
         finally:
@@ -5289,11 +5307,7 @@ class _SQSEndpoint(BrokerEndpoint):
         self._client_context = session.create_client("sqs", region_name=self.region, endpoint_url=self.endpoint_url,
                                                      config=config)
         self._sqs = await self._client_context.__aenter__()
-        try:
-            await self.connecting(lambda: self.queue_url(self.queue_name))
-        except BaseException:
-            await self.disconnect()
-            raise
+        await self.connecting(lambda: self.queue_url(self.queue_name))
 
     async def disconnect(self) -> None:
         sqs, self._sqs = self._sqs, None
@@ -5455,16 +5469,11 @@ class SQSConsumer(_SQSEndpoint, PullingConsumer):
 
     def configure(self, **options: Any) -> None:
         super().configure(**options)
-        self._handling: dict[str, tuple[Message, float]] = {}
-        self._deletes: list[dict[str, Any]] = []
         self._polls: dict[asyncio.Future[dict[str, Any]], int] = {}
+        self.lease_interval = max(1.0, self.visibility_timeout / 3)
 
     async def connect(self) -> None:
-        self._deleting = asyncio.Event()
         await self._open()
-
-    def background(self) -> list[Coroutine[Any, Any, None]]:
-        return [self._delete_every_turn(), self._keep_invisible()]
 
     async def fetch(self, room: int) -> list[Any]:
         asked = sum(self._polls.values())
@@ -5514,26 +5523,14 @@ class SQSConsumer(_SQSEndpoint, PullingConsumer):
         message = _sqs_message(raw, self.queue_name)
         message.attempt = int(raw.get("Attributes", {}).get("ApproximateReceiveCount", 1))
         message.redelivered = message.attempt > 1
-        self._handling[raw["ReceiptHandle"]] = (message, time.monotonic())
         return message
 
-    async def acknowledge(self, message: Message) -> None:
-        self._handling.pop(message.raw["ReceiptHandle"], None)
-        self._deletes.append({"Id": str(len(self._deletes)), "ReceiptHandle": message.raw["ReceiptHandle"]})
-        self._deleting.set()
-
-    async def _delete_every_turn(self) -> None:
-        """Delete finished messages in DeleteMessageBatch calls of ten."""
-        while True:
-            await self._deleting.wait()
-            self._deleting.clear()
-            await self._delete()
-
-    async def _delete(self) -> None:
-        entries, self._deletes = self._deletes, []
+    async def acknowledge_many(self, messages: list[Message]) -> None:
+        """DeleteMessageBatch calls of ten."""
         url = self._urls.get(self.queue_name)
-        for i in range(0, len(entries), 10):
-            part = [{**entry, "Id": str(n)} for n, entry in enumerate(entries[i:i + 10])]
+        for i in range(0, len(messages), 10):
+            part = [{"Id": str(n), "ReceiptHandle": message.raw["ReceiptHandle"]}
+                    for n, message in enumerate(messages[i:i + 10])]
             try:
                 await self._sqs.delete_message_batch(QueueUrl=url, Entries=part)
             except self.failures + self.lost as exc:  # not deleted: delivered again after the visibility timeout
@@ -5544,23 +5541,14 @@ class SQSConsumer(_SQSEndpoint, PullingConsumer):
         await self._sqs.change_message_visibility(QueueUrl=self._urls[self.queue_name],
                                                   ReceiptHandle=raw["ReceiptHandle"], VisibilityTimeout=int(seconds))
 
-    async def _keep_invisible(self) -> None:
-        """Extend the visibility of messages whose handler still runs."""
-        interval = max(1.0, self.visibility_timeout / 3)
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            for message, started in list(self._handling.values()):
-                if now - started >= interval:
-                    await _closing("extending a visibility timeout", self._visible_in(message.raw,
-                                                                                       self.visibility_timeout))
+    async def extend_leases(self, messages: list[Message]) -> None:
+        for message in messages:
+            await _closing("extending a visibility timeout", self._visible_in(message.raw, self.visibility_timeout))
 
     async def hand_back(self, message: Message) -> None:
-        self._handling.pop(message.raw["ReceiptHandle"], None)
         await _closing("handing a message back", self._visible_in(message.raw, 0))
 
     async def hold(self, message: Message, delay: float) -> bool:
-        self._handling.pop(message.raw["ReceiptHandle"], None)
         try:
             await self._visible_in(message.raw, min(43200, math.ceil(delay)))
         except self.failures + self.lost as exc:
@@ -5577,11 +5565,6 @@ class SQSConsumer(_SQSEndpoint, PullingConsumer):
         for raw in raws:
             await _closing("handing a message back", self._visible_in(raw, 0))
 
-    async def disconnect(self) -> None:
-        if self._sqs is not None:
-            await self._delete()
-        await super().disconnect()
-
     async def send_to(self, queue: str, message: Message) -> None:
         await self.send_one(queue, message)
 
@@ -5591,8 +5574,8 @@ class SQSConsumer(_SQSEndpoint, PullingConsumer):
 
     async def delete_queues(self) -> None:
         """Delete the queue's SQS queue and its dead-letter queue."""
-        await self._open()
         try:
+            await self._open()
             for queue in (self.queue_name, self.dead_letter_queue):
                 await self._sqs.delete_queue(QueueUrl=await self.queue_url(queue))
                 self._urls.pop(queue, None)
@@ -5678,13 +5661,9 @@ class _PostgresEndpoint(BrokerEndpoint):
         asyncpg = self.client_module()
         self._pool = await self.connecting(lambda: asyncpg.create_pool(
             self.address.urls[0], min_size=1, max_size=self.pool_size, timeout=min(10.0, self.connect_timeout or 10.0)))
-        try:
-            await self.ensure_once(self.schema, lambda: self.sending(
-                f"the tables of schema {self.schema!r}",
-                lambda: self._pool.execute(_pg_schema(self.schema, ("messages", "outbox")))))
-        except BaseException:
-            await self.disconnect()
-            raise
+        tables = _pg_schema(self.schema, ("messages", "outbox"))
+        await self.ensure_once(self.schema, lambda: self.sending(
+            f"the tables of schema {self.schema!r}", lambda: self._pool.execute(tables)))
 
     async def listen(self, queue: str) -> asyncio.Event:
         """An event set whenever rows are inserted into ``queue`` (LISTEN on a connection of its own)."""
@@ -5845,15 +5824,10 @@ class PostgresConsumer(_PostgresEndpoint, PullingConsumer):
     def configure(self, *, poll: float = 5.0, **options: Any) -> None:
         super().configure(**options)
         self.poll = _number("poll", poll, float, 0.05)
-        self._handling: dict[int, float] = {}
-        self._deletes: list[int] = []
+        self.lease_interval = max(0.5, self.lease / 3)
 
     async def connect(self) -> None:
-        self._deleting = asyncio.Event()
         await self._open()
-
-    def background(self) -> list[Coroutine[Any, Any, None]]:
-        return [self._delete_every_turn(), self._keep_leases()]
 
     async def fetch(self, room: int) -> list[Any]:
         rows = await self.take(self.queue_name, room, self.lease)
@@ -5862,25 +5836,11 @@ class PostgresConsumer(_PostgresEndpoint, PullingConsumer):
         return rows
 
     def received(self, row: Any) -> Message:
-        self._handling[row["id"]] = time.monotonic()
         return _pg_message(row, self.queue_name)
 
-    async def acknowledge(self, message: Message) -> None:
-        self._handling.pop(message.raw, None)
-        self._deletes.append(message.raw)
-        self._deleting.set()
-
-    async def _delete_every_turn(self) -> None:
-        """Delete finished rows, those of a turn of the event loop in one statement."""
-        while True:
-            await self._deleting.wait()
-            self._deleting.clear()
-            await self._delete()
-
-    async def _delete(self) -> None:
-        ids, self._deletes = self._deletes, []
-        if not ids:
-            return
+    async def acknowledge_many(self, messages: list[Message]) -> None:
+        """Delete the rows, in one statement."""
+        ids = [message.raw for message in messages]
         try:
             await self.sending(f"the acknowledgement of {len(ids)} messages",
                                lambda: self._pool.execute(f"DELETE FROM {self.at} WHERE id = ANY($1::bigint[])", ids),
@@ -5888,28 +5848,18 @@ class PostgresConsumer(_PostgresEndpoint, PullingConsumer):
         except SendError as exc:  # still there: delivered again when the lease ends
             log.warning("%s; they will be delivered again", exc)
 
-    async def _keep_leases(self) -> None:
-        """Extend the lease of rows whose handler still runs."""
-        interval = max(0.5, self.lease / 3)
-        while True:
-            await asyncio.sleep(interval)
-            now = time.monotonic()
-            long = [row for row, started in self._handling.items() if now - started >= interval]
-            if long:
-                await _closing("extending leases", self._pool.execute(
-                    f"UPDATE {self.at} SET visible_at = now() + make_interval(secs => $2) WHERE id = ANY($1::bigint[])",
-                    long, self.lease))
+    async def extend_leases(self, messages: list[Message]) -> None:
+        await self._pool.execute(f"UPDATE {self.at} SET visible_at = now() + make_interval(secs => $2) "
+                                 "WHERE id = ANY($1::bigint[])", [message.raw for message in messages], self.lease)
 
     async def _visible(self, ids: list[int], delay: float, attempt: int = 0) -> None:
         await self._pool.execute(f"UPDATE {self.at} SET visible_at = now() + make_interval(secs => $2), "
                                  "attempt = greatest(0, attempt + $3) WHERE id = ANY($1::bigint[])", ids, delay, attempt)
 
     async def hand_back(self, message: Message) -> None:
-        self._handling.pop(message.raw, None)
         await _closing("handing a message back", self._visible([message.raw], 0.0))
 
     async def hold(self, message: Message, delay: float) -> bool:
-        self._handling.pop(message.raw, None)
         try:
             await self._visible([message.raw], delay)
         except self.failures + self.lost as exc:
@@ -5922,18 +5872,13 @@ class PostgresConsumer(_PostgresEndpoint, PullingConsumer):
         if raws:  # never started: this attempt does not count
             await _closing("handing messages back", self._visible([row["id"] for row in raws], 0.0, -1))
 
-    async def disconnect(self) -> None:
-        if self._pool is not None:
-            await self._delete()
-        await super().disconnect()
-
     async def send_to(self, queue: str, message: Message) -> None:
         await self.insert(queue, [message])
 
     async def delete_queues(self) -> None:
         """Delete the rows of the queue and of its dead-letter queue."""
-        await self._open()
         try:
+            await self._open()
             await self._pool.execute(f"DELETE FROM {self.at} WHERE queue = ANY($1::text[])",
                                      [self.queue_name, self.dead_letter_queue])
         finally:
@@ -6037,7 +5982,6 @@ class OutboxRelay(PostgresConsumer):
         return None if due is None else float(due)
 
     def received(self, row: Any) -> Message:
-        self._handling[row["id"]] = time.monotonic()
         target = _pg_message(row, row["queue"])
         self._targets[row["id"]] = (row["transport"], target)
         return Message(data=b"", id=target.id, queue=self.queue_name, attempt=target.attempt,
