@@ -2439,6 +2439,7 @@ class PullingConsumer(BrokerEndpoint, BrokeredConsumer):
 
     async def start_intake(self) -> None:
         self._in_flight = 0
+        self._low_water = max(1, self.prefetch // 4)  # fetch in batches, not a message per finished handler
         self._room = asyncio.Event()
         self._fetching = True
         self._inbox = _Inbox()
@@ -2452,7 +2453,7 @@ class PullingConsumer(BrokerEndpoint, BrokeredConsumer):
         self._tasks = [asyncio.create_task(self._pull()), *map(asyncio.create_task, background)]
 
     async def _pull(self) -> None:
-        low_water = max(1, self.prefetch // 4)  # fetch in batches, not a message per finished handler
+        low_water = self._low_water
         while not self._stopping:
             room = self.prefetch - self._in_flight
             if room < low_water:
@@ -2486,7 +2487,8 @@ class PullingConsumer(BrokerEndpoint, BrokeredConsumer):
 
     def _settled(self, message: Message) -> None:
         self._in_flight -= 1
-        self._room.set()
+        if self.prefetch - self._in_flight >= self._low_water:  # the fetching wakes for a batch, not each one
+            self._room.set()
         if self._leased:
             self._leased.pop(id(message), None)
 
