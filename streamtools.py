@@ -4977,6 +4977,7 @@ class _RedisEndpoint(BrokerEndpoint):
                 hosts, sentinel_kwargs={"socket_connect_timeout": timeouts["socket_connect_timeout"]}, **timeouts)
             self._r = sentinel.master_for(master, db=db, **timeouts, **{k: v for k, v in login.items() if v})
         await self.connecting(self._r.ping)
+        self._delay_script = self._r.register_script(_REDIS_DELAY)
 
     async def disconnect(self) -> None:
         r, self._r = self._r, None
@@ -4998,29 +4999,39 @@ class _RedisEndpoint(BrokerEndpoint):
             return [late if not isinstance(o, Exception) else o for o in outcomes]
         return outcomes
 
-    async def add(self, key: str, message: Message, timeout: float | None = None) -> None:
-        """XADD ``message`` to the stream ``key`` (then WAIT for the replicas
-        asked for), retrying a lost connection until the send timeout."""
-        fields = self._fields(message)
-        if not self.wait_replicas:
-            await self.sending(f"the message to {key!r}",
-                               lambda: self._r.xadd(key, fields, maxlen=self.maxlen, approximate=True), timeout)
-            return
+    async def add(self, key: str, batch: list[Message], delay: float | None = None,
+                  timeout: float | None = None) -> list[SendError | None]:
+        """XADD ``batch`` to the stream ``key`` (with ``delay``, into the
+        queue's delayed set) in one pipeline, then WAIT for the replicas asked
+        for; each message's error or None. On a lost connection the whole
+        batch is sent again, until the send timeout."""
+        what = "the message" if len(batch) == 1 else f"{len(batch)} messages"
 
-        async def add() -> list[Any]:
+        async def add_all() -> list[Any]:
             pipe = self._r.pipeline(transaction=False)
-            pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
-            pipe.wait(self.wait_replicas, int(self.wait_timeout * 1000))
-            return self.replicated(await pipe.execute(raise_on_error=False), "the message")
+            for message in batch:
+                if delay:  # its delay in ms, a key, its fields
+                    await self._delay_script(keys=[self.delayed], client=pipe, args=[int(delay * 1000), _new_id(),
+                                             *itertools.chain.from_iterable(self._fields(message).items())])
+                else:
+                    pipe.xadd(key, self._fields(message), maxlen=self.maxlen, approximate=True)
+            if self.wait_replicas:
+                pipe.wait(self.wait_replicas, int(self.wait_timeout * 1000))
+            return self.replicated(await pipe.execute(raise_on_error=False), what)
 
-        outcome = (await self.sending(f"the message to {key!r}", add, timeout))[0]
-        if isinstance(outcome, Exception):
-            raise outcome if isinstance(outcome, SendError) else \
-                SendError(f"Redis at {self.where} refused the message: {self.cause(outcome)}")
+        try:
+            outcomes = await self.sending(f"{what} to {key!r}", add_all, timeout)
+        except SendError as exc:
+            return [exc] * len(batch)
+        return [o if isinstance(o, SendError) else SendError(f"Redis at {self.where} refused the message: "
+                                                              f"{self.cause(o)}") if isinstance(o, Exception) else None
+                for o in outcomes]
 
-    def delay_args(self, message: Message, delay: float) -> list[Any]:
-        """The arguments of the delaying script for ``message``: its delay in ms, a key, its fields."""
-        return [int(delay * 1000), _new_id(), *itertools.chain.from_iterable(self._fields(message).items())]
+    async def add_one(self, key: str, message: Message, delay: float | None = None,
+                      timeout: float | None = None) -> None:
+        error = (await self.add(key, [message], delay, timeout))[0]
+        if error is not None:
+            raise error
 
 
 class RedisProducer(_RedisEndpoint, PumpedReplies):
@@ -5036,37 +5047,14 @@ class RedisProducer(_RedisEndpoint, PumpedReplies):
     async def connect(self) -> None:
         self._reply_last = "0-0"
         await self._open()
-        self._delay_script = self._r.register_script(_REDIS_DELAY)
 
     async def publish(self, message: Message, timeout: float | None, delay: float | None = None,
                       **flags: Any) -> None:
-        if delay:
-            await self.sending(f"the delayed message to {self.key!r}", lambda: self._delay_script(
-                keys=[self.delayed], args=self.delay_args(message, delay)), timeout)
-            return
-        await self.add(self.key, message, timeout)
+        await self.add_one(self.key, message, delay, timeout)
 
     async def publish_many(self, batch: list[Message], timeout: float | None, delay: float | None = None,
                            **flags: Any) -> list[Any]:
-        # One pipeline, one round trip; on a lost connection the whole batch is sent again.
-        async def add_all() -> list[Any]:
-            pipe = self._r.pipeline(transaction=False)
-            for message in batch:
-                if delay:
-                    await self._delay_script(keys=[self.delayed], args=self.delay_args(message, delay), client=pipe)
-                else:
-                    pipe.xadd(self.key, self._fields(message), maxlen=self.maxlen, approximate=True)
-            if self.wait_replicas:
-                pipe.wait(self.wait_replicas, int(self.wait_timeout * 1000))
-            return self.replicated(await pipe.execute(raise_on_error=False), f"{len(batch)} messages")
-
-        try:
-            outcomes = await self.sending(f"{len(batch)} messages to {self.key!r}", add_all, timeout)
-        except SendError as exc:
-            return [exc] * len(batch)
-        return [o if isinstance(o, SendError) else SendError(f"Redis at {self.where} refused the message: "
-                                                              f"{self.cause(o)}") if isinstance(o, Exception) else None
-                for o in outcomes]
+        return await self.add(self.key, batch, delay, timeout)
 
     async def open_replies(self) -> str:
         return f"streamtools:reply:{_new_id()}"
@@ -5226,7 +5214,7 @@ class RedisConsumer(_RedisEndpoint, PullingConsumer):
         self._inbox.put_many(taken)
 
     async def send_to(self, queue: str, message: Message) -> None:
-        await self.add(f"streamtools:{queue}", message)
+        await self.add_one(f"streamtools:{queue}", message)
 
     async def send_reply(self, address: str, reply: Message) -> None:
         fields = self._fields(reply)
