@@ -1173,6 +1173,31 @@ def _observe() -> None:
             enable_tracing()
 
 
+def _probes(consumers: Callable[[], Iterable[Consumer]]) -> dict[str, Callable[[Any], Awaitable[Any]]]:
+    """The aiohttp handlers of a streamtools server's probes, by path:
+    ``GET /healthz`` (alive), ``/readyz`` (200 once every consumer of
+    ``consumers()`` is ready, else 503 naming those that are not) and
+    ``/metrics`` (Prometheus' text format; 404 while metrics are off)."""
+    web = _require("aiohttp.web", "aiohttp")
+
+    async def health(request: Any) -> Any:
+        return web.json_response({"status": "ok"})
+
+    async def readiness(request: Any) -> Any:
+        waiting = sorted(c.queue_name for c in consumers() if not c.ready)
+        body = {"status": "waiting", "not_ready": waiting} if waiting else {"status": "ready"}
+        return web.json_response(body, status=503 if waiting else 200)
+
+    async def metrics(request: Any) -> Any:
+        if _metrics is None:
+            error = "metrics are off: call streamtools.enable_metrics() or set STREAMTOOLS_METRICS=1"
+            return web.json_response({"error": error}, status=404)
+        data, content_type = _metrics.exposition()
+        return web.Response(body=data, headers={"Content-Type": content_type})
+
+    return {"/healthz": health, "/readyz": readiness, "/metrics": metrics}
+
+
 ###############################################################################
 # Legacy forms ################################################################
 ###############################################################################
@@ -3730,15 +3755,11 @@ async def _read_chunked(request: web.Request, limit: int) -> bytes | None:
     return bytes(data)
 
 
-#: The paths every streamtools server answers, before its consumers' routes.
-_SYSTEM_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
-
-
 class _HTTPServer:
     """One aiohttp application on host:port, shared by every HTTP consumer
     (and runner) of the event loop that asks for that address, and stopped
-    when the last one leaves. It serves ``GET /healthz``, dispatches
-    ``/{queue}`` to the consumer serving it now, and answers JSON 404s."""
+    when the last one leaves. It serves the probes (``GET /healthz``...),
+    dispatches ``/{queue}`` to the consumer serving it now, and answers JSON 404s."""
 
     def __init__(self, host: str, port: int, ssl_context: ssl.SSLContext | None, shutdown_timeout: float,
                  app: web.Application | None = None) -> None:
@@ -3750,11 +3771,11 @@ class _HTTPServer:
         #: Whether consumers' requests skip the application (not a service's own: its middlewares apply).
         self._direct = app is None
         self._app_handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]] | None = None
-        self.app.router.add_get("/healthz", self._health)
-        self.app.router.add_get("/readyz", self._readiness)
-        self.app.router.add_get("/metrics", self._metrics)
         #: Consumers whose readiness ``/readyz`` reports, beside the routes' (a runner's).
         self.watched: list[Consumer] = []
+        self.probes = _probes(lambda: {*self.watched, *self.routes.values()})
+        for path, probe in self.probes.items():
+            self.app.router.add_get(path, probe)
         self.app.router.add_route("*", "/{tail:.*}", self._dispatch)
         #: The consumer serving each route.
         self.routes: dict[str, HTTPConsumer] = {}
@@ -3808,24 +3829,6 @@ class _HTTPServer:
         self.port = self._runner.addresses[0][1]
         log.info("serving HTTP on %s:%d", self.host, self.port)
 
-    async def _health(self, request: web.Request) -> web.Response:
-        response: web.Response = self._web.json_response({"status": "ok"})
-        return response
-
-    async def _readiness(self, request: web.Request) -> web.Response:
-        consumers = {*self.watched, *self.routes.values()}
-        waiting = sorted(c.queue_name for c in consumers if not c.ready)
-        body = {"status": "waiting", "not_ready": waiting} if waiting else {"status": "ready"}
-        response: web.Response = self._web.json_response(body, status=503 if waiting else 200)
-        return response
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        if _metrics is None:
-            return _json_error(404, "metrics are off: call streamtools.enable_metrics() or set STREAMTOOLS_METRICS=1")
-        data, content_type = _metrics.exposition()
-        response: web.Response = self._web.Response(body=data, headers={"Content-Type": content_type})
-        return response
-
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """The server's handler, in front of the application's: a request for
         a consumer goes straight to it, without the router's resolution, match
@@ -3835,7 +3838,7 @@ class _HTTPServer:
         read its match info."""
         path = request.path
         consumer = self.routes.get(path[1:])
-        if (consumer is None or path in _SYSTEM_PATHS or request.method in consumer._takes_request
+        if (consumer is None or path in self.probes or request.method in consumer._takes_request
                 or "Expect" in request.headers):
             assert self._app_handler is not None
             return await self._app_handler(request)
