@@ -2373,6 +2373,21 @@ class BrokerEndpoint(_Endpoint):
         except self.failures + self.lost as exc:
             raise SendError(f"{self.broker} at {self.where} refused {what}: {self.cause(exc)}") from None
 
+    async def repeating(self, what: str, step: Callable[[], Awaitable[float | None]]) -> None:
+        """For transports' background tasks: ``step()`` again and again,
+        pausing as many seconds as it returns; a lost or refused connection is
+        logged and tried again after half a second. Ends when cancelled."""
+        while not _cancelling():  # some clients turn a cancellation into a connection error
+            try:
+                pause = await step()
+            except self.lost + self.failures as exc:
+                if _cancelling():
+                    return
+                log.warning("%s on %s failed (%s); retrying", what, self.where, self.cause(exc))
+                pause = 0.5
+            if pause:
+                await asyncio.sleep(pause)
+
     async def confirmations(self, acks: list[Any], timeout: float | None, what: str) -> list[Any]:
         """For transports that pipeline sends: wait for each future of
         ``acks`` (an exception stands for a send that failed at once) until
@@ -2624,22 +2639,13 @@ class PumpedReplies(BrokerEndpoint, Producer):
 
     async def listen_for_replies(self) -> str:
         address = await self.open_replies()
-        self._reply_pump = asyncio.create_task(self._pump_replies(address))
-        return address
 
-    async def _pump_replies(self, address: str) -> None:
-        lost = self.lost + self.failures
-        while self._reply_pump is not None:
-            try:
-                replies = await self.read_replies(address)
-            except lost as exc:
-                if self._reply_pump is None:
-                    return  # closing: some clients turn a cancellation into a connection error
-                log.warning("reading replies on %s failed (%r); retrying", self.where, exc)
-                await asyncio.sleep(0.5)
-                continue
-            for reply in replies:
+        async def pump() -> None:
+            for reply in await self.read_replies(address):
                 self.deliver_reply(reply)
+
+        self._reply_pump = asyncio.create_task(self.repeating("reading replies", pump))
+        return address
 
     async def stop_replies(self) -> None:
         """Stop reading replies and delete the reply address."""
@@ -4747,34 +4753,28 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
                                                       stream=self.delay_stream, config=config)
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
-        return [self._move_due()]
+        return [self.repeating(f"moving the delayed messages of {self.queue_name!r}", self._move_due)]
 
     async def _move_due(self) -> None:
         """Publish delayed messages to the queue's stream when they are due;
         the server holds each one until then (a nak with that delay)."""
-        while True:
+        try:
+            msgs = await self._delay_sub.fetch(batch=100, timeout=1.0)
+        except self._nats.errors.TimeoutError:
+            return
+        now = time.time() * 1000
+        for msg in msgs:
+            headers = dict(msg.headers or {})
+            left = (int(headers.pop(_N_DUE, 0) or 0) - now) / 1000
             try:
-                msgs = await self._delay_sub.fetch(batch=100, timeout=1.0)
-            except self._nats.errors.TimeoutError:
-                continue
-            except self.lost + self.failures as exc:
-                log.warning("reading delayed messages of %r on %s failed (%r); retrying", self.queue_name,
-                            self.where, exc)
-                await asyncio.sleep(1.0)
-                continue
-            now = time.time() * 1000
-            for msg in msgs:
-                headers = dict(msg.headers or {})
-                left = (int(headers.pop(_N_DUE, 0) or 0) - now) / 1000
-                try:
-                    if left > 0.002:
-                        await msg.nak(delay=left)
-                        continue
-                    await self.js_publish(self.subject, msg.data, headers)
-                    await msg.ack()
-                except (SendError,) + self.lost + self.failures as exc:  # it comes back after ack_wait
-                    log.warning("moving a delayed message of %r on %s failed (%r); it is tried again",
-                                self.queue_name, self.where, exc)
+                if left > 0.002:
+                    await msg.nak(delay=left)
+                    continue
+                await self.js_publish(self.subject, msg.data, headers)
+                await msg.ack()
+            except (SendError,) + self.lost + self.failures as exc:  # it comes back after ack_wait
+                log.warning("moving a delayed message of %r on %s failed (%r); it is tried again",
+                            self.queue_name, self.where, exc)
 
     def connected(self) -> bool:
         return self._nc is not None and bool(self._nc.is_connected)
@@ -4981,6 +4981,7 @@ class _RedisEndpoint(BrokerEndpoint):
             self._r = sentinel.master_for(master, db=db, **timeouts, **{k: v for k, v in login.items() if v})
         await self.connecting(self._r.ping)
         self._delay_script = self._r.register_script(_REDIS_DELAY)
+        self._move_script = self._r.register_script(_REDIS_MOVE_DUE)
 
     async def disconnect(self) -> None:
         r, self._r = self._r, None
@@ -5115,20 +5116,13 @@ class RedisConsumer(_RedisEndpoint, PullingConsumer):
                 raise ConfigError(f"cannot create consumer group {self.group!r} on {self.key!r}: {exc}") from None
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
-        return [self._move_due()]
+        return [self.repeating(f"moving the due entries of {self.queue_name!r}", self._move_due)]
 
-    async def _move_due(self) -> None:
-        """Move delayed entries into the stream when they are due, waking at
-        the next due time (checking at least twice a second for new ones)."""
-        move = self._r.register_script(_REDIS_MOVE_DUE)
-        while not _cancelling():
-            try:
-                left = await move(keys=[self.delayed, self.key], args=["" if self.maxlen is None else self.maxlen])
-            except self.lost + self.failures as exc:
-                log.warning("moving due entries of %r on Redis at %s failed (%r); retrying", self.queue_name,
-                            self.where, exc)
-                left = 1000
-            await asyncio.sleep(0.5 if left < 0 else min(0.5, max(0.005, left / 1000)))
+    async def _move_due(self) -> float:
+        """Move delayed entries into the stream when they are due; then wait
+        until the next is due (checking at least twice a second for new ones)."""
+        left = await self._move_script(keys=[self.delayed, self.key], args=["" if self.maxlen is None else self.maxlen])
+        return 0.5 if left < 0 else min(0.5, max(0.005, left / 1000))
 
     def received(self, raw: tuple[bytes, dict[bytes, bytes], int]) -> Message:
         entry_id, fields, delivered = raw
