@@ -4675,20 +4675,15 @@ class NATSProducer(_NATSEndpoint, Producer):
 
     async def publish(self, message: Message, timeout: float | None, delay: float | None = None,
                       **flags: Any) -> None:
-        if delay:
-            subject, pairs = await self._delayed(delay)
-            await self.js_publish(subject, message.data, pairs(message), timeout)
-            return
-        await self.js_publish(self.subject, message.data, _NATS_ENVELOPE.pairs(message), timeout)
+        subject, pairs = await self._delayed(delay) if delay else (self.subject, _NATS_ENVELOPE.pairs)
+        await self.js_publish(subject, message.data, pairs(message), timeout)
 
     async def publish_many(self, batch: list[Message], timeout: float | None, delay: float | None = None,
                            **flags: Any) -> list[Any]:
         # Pipelined: every message out at once, then the PubAcks together; one that failed is
         # sent again on its own, with the retries of send (its Nats-Msg-Id drops a duplicate).
-        js, subject = self._js, self.subject
-        pairs: Callable[[Message], dict[str, str]] = _NATS_ENVELOPE.pairs
-        if delay:
-            subject, pairs = await self._delayed(delay)
+        js = self._js
+        subject, pairs = await self._delayed(delay) if delay else (self.subject, _NATS_ENVELOPE.pairs)
         acks = []
         for message in batch:
             try:
@@ -4736,21 +4731,18 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
 
     async def connect(self) -> None:
         await self._open()
-        await self.ensure_stream(self.stream, self.subject)
-        api = self.client_module("nats.js.api")
         # The pull batch bounds the messages in flight here; the server's max_ack_pending also
         # counts messages waiting out a retry delay, so it gets room for them beyond prefetch.
-        config = api.ConsumerConfig(durable_name=self.stream, ack_policy=api.AckPolicy.EXPLICIT,
-                                    ack_wait=self.ack_wait, max_ack_pending=self.prefetch * 10,
-                                    max_deliver=-1, filter_subject=self.subject)
-        self._sub = await self._js.pull_subscribe(self.subject, durable=self.stream, stream=self.stream,
-                                                  config=config)
-        await self.ensure_stream(self.delay_stream, self.delay_subject)
-        config = api.ConsumerConfig(durable_name=self.delay_stream, ack_policy=api.AckPolicy.EXPLICIT,
-                                    ack_wait=30.0, max_ack_pending=-1, max_deliver=-1,
-                                    filter_subject=self.delay_subject)
-        self._delay_sub = await self._js.pull_subscribe(self.delay_subject, durable=self.delay_stream,
-                                                      stream=self.delay_stream, config=config)
+        self._sub = await self._pull_consumer(self.stream, self.subject, self.ack_wait, self.prefetch * 10)
+        self._delay_sub = await self._pull_consumer(self.delay_stream, self.delay_subject, 30.0, -1)
+
+    async def _pull_consumer(self, stream: str, subject: str, ack_wait: float, max_ack_pending: int) -> Any:
+        """The durable pull consumer of ``stream`` named after it (both made if missing)."""
+        await self.ensure_stream(stream, subject)
+        api = self.client_module("nats.js.api")
+        config = api.ConsumerConfig(durable_name=stream, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
+                                    max_ack_pending=max_ack_pending, max_deliver=-1, filter_subject=subject)
+        return await self._js.pull_subscribe(subject, durable=stream, stream=stream, config=config)
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
         return [self.repeating(f"moving the delayed messages of {self.queue_name!r}", self._move_due)]
@@ -4842,10 +4834,8 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
         try:
             await self._open()
             for stream in (self.stream, self.delay_stream, _nats_name(self.dead_letter_queue)):
-                try:
+                with contextlib.suppress(self._js_errors.NotFoundError):
                     await self._js.delete_stream(stream)
-                except self._js_errors.NotFoundError:
-                    pass
                 self.forget(stream)
         finally:
             await self.disconnect()
