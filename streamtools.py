@@ -2538,7 +2538,11 @@ class PullingConsumer(BrokerEndpoint, BrokeredConsumer):
 
     async def requeue(self, message: Message) -> None:
         self._settled(message)
-        await self.hand_back(message)
+        try:
+            await self.hand_back(message)
+        except Exception as exc:
+            log.warning("could not hand message %s of %r back to %s (%r); it comes back after its timeout",
+                        message.id, self.queue_name, self.where, exc)
 
     async def retry_later(self, message: Message, delay: float) -> bool:
         if not await self.hold(message, delay):
@@ -2573,8 +2577,9 @@ class PullingConsumer(BrokerEndpoint, BrokeredConsumer):
             if messages:
                 try:
                     await self.acknowledge_many(messages)
-                except Exception:  # the broker delivers them again
-                    log.exception("acknowledging %d messages of %r failed", len(messages), self.queue_name)
+                except Exception as exc:
+                    log.warning("acknowledging %d messages of %r on %s failed (%r); the broker delivers them again",
+                                len(messages), self.queue_name, self.where, exc)
 
     async def drained(self) -> None:
         if self._acker is not None:
@@ -2601,7 +2606,7 @@ class PullingConsumer(BrokerEndpoint, BrokeredConsumer):
 
     async def acknowledge_many(self, messages: list[Message]) -> None:
         """Transport hook, where :meth:`acknowledge` is not overridden: the
-        broker forgets these messages; never raises."""
+        broker forgets these messages (an error is logged: it delivers them again)."""
         raise NotImplementedError
 
     async def extend_leases(self, messages: list[Message]) -> None:
@@ -2610,7 +2615,8 @@ class PullingConsumer(BrokerEndpoint, BrokeredConsumer):
 
     async def hand_back(self, message: Message) -> None:
         """Transport hook: an unfinished message goes back to the broker now
-        (by default it comes back by itself, after a timeout or a restart)."""
+        (by default it comes back by itself, after a timeout or a restart);
+        an error is logged, the message comes back by itself."""
 
     async def hold(self, message: Message, delay: float) -> bool:
         """Transport hook: have the broker give the failed message again
@@ -4795,22 +4801,16 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
         for message in messages:
             await _closing("an in-progress ack", message.raw.in_progress())
 
-    async def _settle(self, message: Message, how: Callable[[], Awaitable[Any]], what: str) -> None:
-        try:
-            await how()
-        except Exception as exc:  # the server redelivers it after ack_wait
-            log.warning("could not %s message %s of %r (%r); the server will deliver it again",
-                        what, message.id, self.queue_name, exc)
-
     async def acknowledge_many(self, messages: list[Message]) -> None:
         for message in messages:  # each a publish: nats-py sends them in one write
-            await self._settle(message, message.raw.ack, "acknowledge")
+            await message.raw.ack()
 
     async def hand_back(self, message: Message) -> None:
-        await self._settle(message, message.raw.nak, "hand back")
+        await message.raw.nak()
 
     async def hold(self, message: Message, delay: float) -> bool:
-        await self._settle(message, functools.partial(message.raw.nak, delay=delay), "hand back")
+        # Held either way: a nak that did not arrive is redelivered after ack_wait.
+        await _closing(f"handing message {message.id} back", message.raw.nak(delay=delay))
         return True
 
     async def unstarted(self, raws: list[Any]) -> None:
