@@ -150,6 +150,7 @@ from typing import (
     Awaitable,
     Callable,
     ClassVar,
+    Collection,
     Coroutine,
     Iterable,
     Iterator,
@@ -695,6 +696,24 @@ class _Envelope:
                         headers[key] = _json_decode(headers[key])
         return headers, envelope[0] or BINARY, envelope[1] or "", envelope[2], envelope[3]
 
+    def into(self, message: Message, pairs: Collection[tuple[str, str | bytes]], what: Callable[[], str]) -> Message:
+        """``message`` (its body set) with the envelope and headers of ``pairs``.
+
+        :raises _Unreadable: the ``nested`` headers are not a JSON object; the
+            message keeps its content type and their text, for the dead-letter
+            queue (``what()`` names it in the reason).
+        """
+        try:
+            message.headers, message.content_type, message.id, message.correlation_id, message.reply_to = \
+                self.read(pairs)
+        except ValueError as exc:
+            found = {key.lower(): value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+                     for key, value in pairs}
+            message.content_type = found.get(self.names[0].lower(), BINARY)
+            message.headers = {"x-original-headers": found.get(str(self.nested).lower(), "")}
+            raise _Unreadable(message, f"{what()} has an unreadable envelope: {exc}") from None
+        return message
+
 
 def _reply_value(reply: Message, queue: str) -> Any:
     """What ``request()`` returns for a reply, or the consumer's error."""
@@ -783,6 +802,12 @@ def _cancelling() -> bool:
     ending its own operations with CancelledError)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _sent(outcomes: list[Any]) -> None:
+    """Raise the error of a batch of one message, if it was not sent."""
+    if isinstance(outcomes[0], BaseException):
+        raise outcomes[0]
 
 
 async def _closing(what: str, operation: Awaitable[Any]) -> None:
@@ -1486,6 +1511,15 @@ class Producer(_Endpoint):
         return Message(body=msg, data=data, content_type=ctype, headers=dict(headers) if headers else {},
                        id=message_id or next(_ids), queue=self.queue_name)  # next(): _new_id() without its call
 
+    def _options(self, method: str, flags: dict[str, Any], timeout: Any,
+                 delay: Any) -> tuple[dict[str, Any], float | None]:
+        """The per-message flags (``delay`` among them) and the timeout of a send, checked."""
+        if flags:
+            flags = _check_flags(flags, self.send_flags, f"{type(self).__name__}.{method}")
+        if delay is not None and self._delay(delay):
+            flags["delay"] = float(delay)
+        return flags, None if timeout is None else _number("timeout", timeout, float, 0.001)
+
     def _delay(self, delay: Any) -> float | None:
         if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay < float("inf"):
             raise ConfigError(f"delay is a number of seconds, at least 0, got {delay!r}")
@@ -1520,12 +1554,8 @@ class Producer(_Endpoint):
         """
         if legacy:
             headers_tag = _legacy_send_args(legacy, flags, headers_tag)
-        if flags:
-            flags = _check_flags(flags, self.send_flags, f"{type(self).__name__}.send()")
-        if timeout is not None:
-            timeout = _number("timeout", timeout, float, 0.001)
-        if delay is not None and self._delay(delay):
-            flags["delay"] = float(delay)
+        if flags or timeout is not None or delay is not None:
+            flags, timeout = self._options("send()", flags, timeout, delay)
         message = self._message(msg, headers_tag, header_tag, content_type, headers, message_id)
         if not self._ready:
             await self._ensure_open()
@@ -1634,12 +1664,8 @@ class Producer(_Endpoint):
         :raises BatchSendError: some were not sent; its ``failed`` maps their
             indices to the errors, and every other message was sent.
         """
-        if flags:
-            flags = _check_flags(flags, self.send_flags, f"{type(self).__name__}.send_many()")
-        if timeout is not None:
-            timeout = _number("timeout", timeout, float, 0.001)
-        if delay is not None and self._delay(delay):
-            flags["delay"] = float(delay)
+        if flags or timeout is not None or delay is not None:
+            flags, timeout = self._options("send_many()", flags, timeout, delay)
         batch = [self._message(body, headers_tag, None, content_type, headers, None) for body in messages]
         if not self._ready:
             await self._ensure_open()
@@ -2496,7 +2522,7 @@ class PullingConsumer(BrokerEndpoint, BrokeredConsumer):
         low_water = self._low_water
         while not self._stopping:
             room = self.prefetch - self._in_flight
-            if room < low_water:
+            if room < low_water and not self.requested():
                 self._room.clear()
                 await self._room.wait()
                 continue
@@ -2545,7 +2571,12 @@ class PullingConsumer(BrokerEndpoint, BrokeredConsumer):
                         message.id, self.queue_name, self.where, exc)
 
     async def retry_later(self, message: Message, delay: float) -> bool:
-        if not await self.hold(message, delay):
+        try:
+            if not await self.hold(message, delay):
+                return False
+        except (SendError,) + self.failures + self.lost as exc:
+            log.warning("could not have %s hold message %s of %r for its retry (%s); it waits here", self.broker,
+                        message.id, self.queue_name, exc if isinstance(exc, SendError) else self.cause(exc))
             return False
         self._settled(message)
         return True
@@ -2620,11 +2651,17 @@ class PullingConsumer(BrokerEndpoint, BrokeredConsumer):
 
     async def hold(self, message: Message, delay: float) -> bool:
         """Transport hook: have the broker give the failed message again
-        after ``delay`` seconds, as attempt ``message.attempt + 1``; True if it did."""
+        after ``delay`` seconds, as attempt ``message.attempt + 1``; True if it
+        does (a broker's error is logged, and the retry waits here)."""
         return False
 
     async def unstarted(self, raws: list[Any]) -> None:
         """Transport hook: ``raws`` were received but not started at ``stop()``."""
+
+    def requested(self) -> int:
+        """Transport hook: how many messages requests still under way asked
+        for (the next :meth:`fetch` takes what they bring, whatever the room)."""
+        return 0
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
         """Transport hook: coroutines to run beside the fetching while consuming."""
@@ -4160,7 +4197,7 @@ class _KafkaEndpoint(BrokerEndpoint):
         headers = {**message.headers, _K_DUE: str(int(due)), _K_HOLD: str(int(due - (left - min(tier, left)) * 1000))}
         if attempt is not None:
             headers[_K_ATTEMPT] = str(attempt)
-        await self.produce(topic, dataclasses.replace(message, headers=headers), timeout=timeout)
+        _sent(await self.produce(topic, [dataclasses.replace(message, headers=headers)], timeout=timeout))
 
     async def delete_topics(self, *topics: str) -> None:
         self.forget(*topics)
@@ -4192,19 +4229,23 @@ class _KafkaEndpoint(BrokerEndpoint):
                 self._producer = producer
         return self._producer
 
-    async def produce(self, topic: str, message: Message, key: Any = None, timeout: float | None = None) -> None:
-        """Send one record and wait for the broker's acknowledgement."""
-        producer = self._producer or await self._producing()
-        headers = [(k, v.encode()) for k, v in _KAFKA_ENVELOPE.pairs(message).items()]
-        try:
-            async with asyncio.timeout(timeout):  # else aiokafka's request_timeout_ms, the send timeout
-                await (await producer.send(topic, message.data, headers=headers,
-                                           key=key.encode() if isinstance(key, str) else key))
-        except self._errors.KafkaError as exc:
-            raise self._send_error(topic, message, exc) from None
-        except TimeoutError:
-            raise SendError(f"Kafka at {self.where} did not acknowledge the record to {topic!r} "
-                            f"within {timeout}s") from None
+    async def produce(self, topic: str, batch: list[Message], key: Any = None,
+                      timeout: float | None = None) -> list[SendError | None]:
+        """Send records, every one into the producer's batches first, then
+        wait for the broker's acknowledgements; each one's error or None."""
+        send, errors, pairs = (self._producer or await self._producing()).send, self._errors, _KAFKA_ENVELOPE.pairs
+        if isinstance(key, str):
+            key = key.encode()
+        acks = []
+        for message in batch:  # straight to aiokafka: one coroutine level less per record
+            try:
+                acks.append(await send(topic, message.data, key=key,
+                                       headers=[(k, v.encode()) for k, v in pairs(message).items()]))
+            except errors.KafkaError as exc:
+                acks.append(self._send_error(topic, message, exc))
+        outcomes = await self.confirmations(acks, timeout, f"the record to {topic!r}")
+        return [self._send_error(topic, message, outcome) if isinstance(outcome, errors.KafkaError) else outcome
+                for message, outcome in zip(batch, outcomes)]
 
     def _send_error(self, topic: str, message: Message, exc: BaseException) -> SendError:
         if isinstance(exc, self._errors.MessageSizeTooLargeError):
@@ -4250,27 +4291,13 @@ class KafkaProducer(_KafkaEndpoint, PumpedReplies):
         if delay:
             await self.produce_later(self.queue_name, message, time.time() * 1000 + delay * 1000, timeout=timeout)
             return
-        await self.produce(self.queue_name, message, key, timeout)
+        _sent(await self.produce(self.queue_name, [message], key, timeout))
 
     async def publish_many(self, batch: list[Message], timeout: float | None, key: Any = None,
                            delay: float | None = None, **flags: Any) -> list[Any]:
         if delay:
             return await super().publish_many(batch, timeout, delay=delay)
-        # Every record into the producer's batches first, then wait for the acknowledgements together.
-        topic, acks = self.queue_name, []
-        send, errors = (await self._producing()).send, self._errors
-        if isinstance(key, str):
-            key = key.encode()
-        pairs = _KAFKA_ENVELOPE.pairs
-        for message in batch:  # straight to aiokafka: one coroutine level less per record
-            try:
-                acks.append(await send(topic, message.data, key=key,
-                                       headers=[(k, v.encode()) for k, v in pairs(message).items()]))
-            except errors.KafkaError as exc:
-                acks.append(self._send_error(topic, message, exc))
-        outcomes = await self.confirmations(acks, timeout, f"the record to {topic!r}")
-        return [self._send_error(topic, message, outcome) if isinstance(outcome, errors.KafkaError) else outcome
-                for message, outcome in zip(batch, outcomes)]
+        return await self.produce(self.queue_name, batch, key, timeout)
 
     async def open_replies(self) -> str:
         topic = f"streamtools.reply.{_new_id()}"
@@ -4505,21 +4532,16 @@ class KafkaConsumer(_KafkaEndpoint, PullingConsumer):
             offsets.done(message.raw.offset)
 
     async def hold(self, message: Message, delay: float) -> bool:
-        try:
-            await self.produce_later(self.queue_name, message, time.time() * 1000 + delay * 1000, message.attempt + 1)
-        except SendError as exc:
-            log.warning("could not write message %s of %r to a retry topic (%s); it waits here", message.id,
-                        self.queue_name, exc)
-            return False
+        await self.produce_later(self.queue_name, message, time.time() * 1000 + delay * 1000, message.attempt + 1)
         await self.acknowledge(message)
         return True
 
     async def send_to(self, queue: str, message: Message) -> None:
         await self.ensure_topic(queue)
-        await self.produce(queue, message)
+        _sent(await self.produce(queue, [message]))
 
     async def send_reply(self, address: str, reply: Message) -> None:
-        await self.produce(address, reply)
+        _sent(await self.produce(address, [reply]))
 
     async def delete_queues(self) -> None:
         """Delete the queue's topic, its tier topics and its dead-letter topic."""
@@ -4884,16 +4906,10 @@ def _redis_message(entry_id: bytes, fields: dict[bytes, bytes], queue: str = "")
     if data is None:
         body = {key: value.decode("utf-8", "backslashreplace") for key, value in text.items()}
         return Message(data=_to_json(body), content_type=JSON, id=entry_id.decode(), queue=queue, raw=entry_id)
-    try:
-        headers, content_type, message_id, correlation_id, reply_to = _REDIS_ENVELOPE.read(text.items())
-    except ValueError as exc:
-        raw_headers = text.get("headers", b"").decode("utf-8", "backslashreplace")
-        raise _Unreadable(Message(data=data, content_type=text.get("content-type", b"").decode("utf-8", "replace"),
-                                  headers={"x-original-headers": raw_headers}, id=entry_id.decode(), queue=queue,
-                                  raw=entry_id),
-                          f"entry {entry_id.decode()} of {queue!r} has an unreadable envelope: {exc}") from None
-    return Message(data=data, content_type=content_type, headers=headers, id=message_id or entry_id.decode(),
-                   queue=queue, correlation_id=correlation_id, reply_to=reply_to, raw=entry_id)
+    message = _REDIS_ENVELOPE.into(Message(data=data, queue=queue, raw=entry_id), text.items(),
+                                   lambda: f"entry {entry_id.decode()} of {queue!r}")
+    message.id = message.id or entry_id.decode()
+    return message
 
 
 def _sentinels(url: str) -> tuple[_Address, tuple[list[tuple[str, int]], str, int]]:
@@ -5021,11 +5037,6 @@ class _RedisEndpoint(BrokerEndpoint):
                                                               f"{self.cause(o)}") if isinstance(o, Exception) else None
                 for o in outcomes]
 
-    async def add_one(self, key: str, message: Message, delay: float | None = None,
-                      timeout: float | None = None) -> None:
-        error = (await self.add(key, [message], delay, timeout))[0]
-        if error is not None:
-            raise error
 
 
 class RedisProducer(_RedisEndpoint, PumpedReplies):
@@ -5044,7 +5055,7 @@ class RedisProducer(_RedisEndpoint, PumpedReplies):
 
     async def publish(self, message: Message, timeout: float | None, delay: float | None = None,
                       **flags: Any) -> None:
-        await self.add_one(self.key, message, delay, timeout)
+        _sent(await self.add(self.key, [message], delay, timeout))
 
     async def publish_many(self, batch: list[Message], timeout: float | None, delay: float | None = None,
                            **flags: Any) -> list[Any]:
@@ -5201,7 +5212,7 @@ class RedisConsumer(_RedisEndpoint, PullingConsumer):
         self._inbox.put_many(taken)
 
     async def send_to(self, queue: str, message: Message) -> None:
-        await self.add_one(f"streamtools:{queue}", message)
+        _sent(await self.add(f"streamtools:{queue}", [message]))
 
     async def send_reply(self, address: str, reply: Message) -> None:
         fields = self._fields(reply)
@@ -5374,14 +5385,8 @@ def _sqs_message(raw: dict[str, Any], queue: str = "") -> Message:
     body = raw.get("Body", "")
     data = base64.b64decode(body) if attributes.pop(_SQS_BASE64, None) else body.encode()
     attributes.pop(_SQS_DUE, None)
-    message = Message(data=data, queue=queue, raw=raw)
-    try:
-        message.headers, message.content_type, message.id, message.correlation_id, message.reply_to = \
-            _SQS_ENVELOPE.read(attributes.items())
-    except ValueError as exc:
-        message.headers = {"x-original-headers": attributes.get("headers", "")}
-        raise _Unreadable(message, f"SQS message {raw.get('MessageId')} of {queue!r} has an unreadable envelope: "
-                                   f"{exc}") from None
+    message = _SQS_ENVELOPE.into(Message(data=data, queue=queue, raw=raw), attributes.items(),
+                                 lambda: f"SQS message {raw.get('MessageId')} of {queue!r}")
     message.id = message.id or raw.get("MessageId", "")
     return message
 
@@ -5452,8 +5457,11 @@ class SQSConsumer(_SQSEndpoint, PullingConsumer):
     async def connect(self) -> None:
         await self._open()
 
+    def requested(self) -> int:
+        return sum(self._polls.values())
+
     async def fetch(self, room: int) -> list[Any]:
-        asked = sum(self._polls.values())
+        asked = self.requested()
         url = self._urls[self.queue_name]
         while room - asked > 0:  # a receive takes ten at most: more at once for a larger prefetch
             ask = min(10, room - asked)
@@ -5509,10 +5517,12 @@ class SQSConsumer(_SQSEndpoint, PullingConsumer):
             part = [{"Id": str(n), "ReceiptHandle": message.raw["ReceiptHandle"]}
                     for n, message in enumerate(messages[i:i + 10])]
             try:
-                await self._sqs.delete_message_batch(QueueUrl=url, Entries=part)
+                failed = (await self._sqs.delete_message_batch(QueueUrl=url, Entries=part)).get("Failed") or []
             except self.failures + self.lost as exc:  # not deleted: delivered again after the visibility timeout
+                failed = [{"Message": self.cause(exc)}] * len(part)
+            if failed:
                 log.warning("deleting %d messages of %r on %s failed (%s); they will be delivered again",
-                            len(part), self.queue_name, self.where, self.cause(exc))
+                            len(failed), self.queue_name, self.where, failed[0].get("Message") or failed[0])
 
     async def _visible_in(self, raw: dict[str, Any], seconds: float) -> None:
         await self._sqs.change_message_visibility(QueueUrl=self._urls[self.queue_name],
@@ -5526,12 +5536,7 @@ class SQSConsumer(_SQSEndpoint, PullingConsumer):
         await _closing("handing a message back", self._visible_in(message.raw, 0))
 
     async def hold(self, message: Message, delay: float) -> bool:
-        try:
-            await self._visible_in(message.raw, min(43200, math.ceil(delay)))
-        except self.failures + self.lost as exc:
-            log.warning("could not have SQS hold message %s of %r (%s); it waits here", message.id,
-                        self.queue_name, self.cause(exc))
-            return False
+        await self._visible_in(message.raw, min(43200, math.ceil(delay)))
         return True
 
     async def unstarted(self, raws: list[Any]) -> None:
@@ -5733,12 +5738,7 @@ def _pg_message(row: Any, queue: str) -> Message:
     message = Message(data=bytes(row["body"]), queue=queue, raw=row["id"], attempt=max(1, row["attempt"]))
     pairs = [(key, row[key]) for key in ("content_type", "message_id", "correlation_id", "reply_to", "headers")
              if row[key] is not None]
-    try:
-        message.headers, message.content_type, message.id, message.correlation_id, message.reply_to = \
-            _PG_ENVELOPE.read(pairs)
-    except ValueError as exc:
-        message.headers = {"x-original-headers": row["headers"]}
-        raise _Unreadable(message, f"row {row['id']} of {queue!r} has an unreadable envelope: {exc}") from None
+    _PG_ENVELOPE.into(message, pairs, lambda: f"row {row['id']} of {queue!r}")
     message.id = message.id or str(row["id"])
     message.redelivered = message.attempt > 1
     return message
@@ -5837,12 +5837,7 @@ class PostgresConsumer(_PostgresEndpoint, PullingConsumer):
         await _closing("handing a message back", self._visible([message.raw], 0.0))
 
     async def hold(self, message: Message, delay: float) -> bool:
-        try:
-            await self._visible([message.raw], delay)
-        except self.failures + self.lost as exc:
-            log.warning("could not have PostgreSQL hold message %s of %r (%s); it waits here", message.id,
-                        self.queue_name, self.cause(exc))
-            return False
+        await self._visible([message.raw], delay)
         return True
 
     async def unstarted(self, raws: list[Any]) -> None:

