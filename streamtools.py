@@ -1495,7 +1495,7 @@ class Producer(_Endpoint):
         self._replies: dict[str, _ReplyFuture] = {}
         self._replies_ready: asyncio.Future[str] | None = None
         self._closed = False
-        self._turn: dict[Any, list[tuple[Message, asyncio.Future[Any] | None]]] = {}
+        self._turn: dict[tuple[Any, ...], list[tuple[Message, asyncio.Future[Any] | None]]] = {}
         self._batches: set[asyncio.Task[None]] = set()
 
     def _message(self, msg: Any, headers_tag: str | None, header_tag: str | None,
@@ -1586,7 +1586,7 @@ class Producer(_Endpoint):
         loop, in one :meth:`publish_many`: the first send of a turn yields
         once, so the others join its batch, then publishes them all (no
         timer: a lone send goes at once); each caller gets its own result or error."""
-        key = (timeout, *sorted(flags.items())) if flags else timeout
+        key = (timeout, *sorted(flags.items()))
         batch = self._turn.get(key)
         if batch is not None:
             future = asyncio.get_running_loop().create_future()

@@ -232,7 +232,7 @@ async def streamtools_batches(kind: str, msgs: list[dict[str, Any]], options: di
 
         async def sender(share: list[dict[str, Any]]) -> None:  # a handler sending, one message at a time
             for m in share:
-                sending([m])
+                _sent[m["i"]] = time.perf_counter()
                 await producer.send(m)
 
         started = time.perf_counter()
@@ -349,6 +349,13 @@ async def kafka_topic(name: str) -> None:
         await admin.close()
 
 
+async def raw_produce(producer: Any, topic: str, batch: list[dict[str, Any]]) -> None:
+    """Raw aiokafka: enqueue a batch, then await its acknowledgements."""
+    sent = [await producer.send(topic, json.dumps(m).encode(), headers=[
+        ("content-type", b"application/json"), ("message-id", f"m-{m['i']}".encode())]) for m in batch]
+    await asyncio.gather(*sent)
+
+
 async def raw_aiokafka(msgs: list[dict[str, Any]]) -> float:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
     topic = f"bench-raw-{uuid.uuid4().hex[:8]}"
@@ -378,10 +385,7 @@ async def raw_aiokafka(msgs: list[dict[str, Any]]) -> float:
         reader = asyncio.create_task(consume())
         for start in range(0, len(msgs), 500):
             sending(msgs[start:start + 500])
-            sent = [await producer.send(topic, json.dumps(m).encode(), headers=[
-                ("content-type", b"application/json"), ("message-id", f"m-{m['i']}".encode())])
-                    for m in msgs[start:start + 500]]
-            await asyncio.gather(*sent)
+            await raw_produce(producer, topic, msgs[start:start + 500])
         await reader
         return len(msgs) / (time.perf_counter() - started)
     finally:
@@ -406,10 +410,7 @@ async def raw_aiokafka_produce(msgs: list[dict[str, Any]]) -> float:
         started = time.perf_counter()
         for start in range(0, len(msgs), 500):
             began = time.perf_counter()
-            sent = [await producer.send(topic, json.dumps(m).encode(), headers=[
-                ("content-type", b"application/json"), ("message-id", f"m-{m['i']}".encode())])
-                    for m in msgs[start:start + 500]]
-            await asyncio.gather(*sent)
+            await raw_produce(producer, topic, msgs[start:start + 500])
             _latencies.append(time.perf_counter() - began)
         return len(msgs) / (time.perf_counter() - started)
     finally:
