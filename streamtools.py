@@ -4137,6 +4137,7 @@ class _KafkaEndpoint(BrokerEndpoint):
         super().configure(**options)
         self._aiokafka = self.client_module()
         self._errors = self.client_module("aiokafka.errors")
+        self._partitioner = self.client_module("aiokafka.partitioner").DefaultPartitioner()
         logging.getLogger("aiokafka.producer.sender").addFilter(_idempotence_refused)
         self.address = _addresses(bootstrap_servers, ("KAFKA_BOOTSTRAP_SERVERS", "KAFKA_HOST"), "localhost:9092",
                                   "Kafka bootstrap server", ("kafka",), 9092, bare=True)
@@ -4210,7 +4211,9 @@ class _KafkaEndpoint(BrokerEndpoint):
             return self._producer
         async with self._producer_lock:
             if self._producer is None:
+                # A record batch holds at most max_request_size (see produce).
                 options = {**self._client_options, "acks": "all", "max_request_size": self.max_request_size,
+                           "max_batch_size": min(262144, self.max_request_size),
                            "request_timeout_ms": int(self.send_timeout * 1000)}
                 refused = _kafka_no_idempotence.setdefault(asyncio.get_running_loop(), set())
                 if self.where not in refused:
@@ -4231,21 +4234,50 @@ class _KafkaEndpoint(BrokerEndpoint):
 
     async def produce(self, topic: str, batch: list[Message], key: Any = None,
                       timeout: float | None = None) -> list[SendError | None]:
-        """Send records, every one into the producer's batches first, then
-        wait for the broker's acknowledgements; each one's error or None."""
-        send, errors, pairs = (self._producer or await self._producing()).send, self._errors, _KAFKA_ENVELOPE.pairs
+        """Send records in record batches built here (aiokafka's
+        ``create_batch``: a third of the cost of a ``send()`` per record), to
+        the key's partition (as ``send()`` picks it), else each batch to the
+        next partition from a random one (so they go out in parallel); then
+        wait for the broker's acknowledgements. Each record's error or None."""
+        producer = self._producer or await self._producing()
         if isinstance(key, str):
             key = key.encode()
-        acks = []
-        for message in batch:  # straight to aiokafka: one coroutine level less per record
-            try:
-                acks.append(await send(topic, message.data, key=key,
-                                       headers=[(k, v.encode()) for k, v in pairs(message).items()]))
-            except errors.KafkaError as exc:
-                acks.append(self._send_error(topic, message, exc))
-        outcomes = await self.confirmations(acks, timeout, f"the record to {topic!r}")
+        try:
+            partitions = sorted(await producer.partitions_for(topic))
+            available = list(producer.client.cluster.available_partitions_for_topic(topic))
+        except self._errors.KafkaError as exc:
+            return [self._send_error(topic, message, exc) for message in batch]
+        if key is None:
+            spread = available or partitions
+            targets: Iterator[int] = itertools.islice(itertools.cycle(spread), random.randrange(len(spread)), None)
+        else:
+            targets = itertools.repeat(self._partitioner(key, partitions, available))
+        pairs, acks = _KAFKA_ENVELOPE.pairs, []
+        builder, members = producer.create_batch(), 0
+        for message in batch:
+            headers = [(k, v.encode()) for k, v in pairs(message).items()]
+            if builder.append(key=key, value=message.data, timestamp=None, headers=headers) is None:  # full
+                acks += await self._send_batch(producer, builder, topic, next(targets), members)
+                builder, members = producer.create_batch(), 0
+                builder.append(key=key, value=message.data, timestamp=None, headers=headers)
+            if not members and builder.size() > self.max_request_size:  # a batch takes a first record of any size
+                acks.append(self._errors.MessageSizeTooLargeError())
+                builder = producer.create_batch()
+                continue
+            members += 1
+        if members:
+            acks += await self._send_batch(producer, builder, topic, next(targets), members)
+        outcomes, errors = await self.confirmations(acks, timeout, f"the record to {topic!r}"), self._errors
         return [self._send_error(topic, message, outcome) if isinstance(outcome, errors.KafkaError) else outcome
                 for message, outcome in zip(batch, outcomes)]
+
+    async def _send_batch(self, producer: Any, builder: Any, topic: str, partition: int, members: int) -> list[Any]:
+        """The acknowledgement of a record batch, once for each of its ``members`` records."""
+        try:
+            ack = await producer.send_batch(builder, topic, partition=partition)
+        except self._errors.KafkaError as exc:
+            ack = exc
+        return [ack] * members
 
     def _send_error(self, topic: str, message: Message, exc: BaseException) -> SendError:
         if isinstance(exc, self._errors.MessageSizeTooLargeError):
