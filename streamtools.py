@@ -4903,12 +4903,26 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
 #: one JSON object in ``headers``, so their types survive.
 _REDIS_ENVELOPE = _Envelope("content-type", "id", "correlation-id", "reply-to", nested="headers")
 _REPLY_TTL = 60  # seconds a requester's reply stream outlives its last reply
-# Delayed entries wait in a sorted set by due time (the server's clock), each one's fields in a
-# hash beside it; consumers move those due into the stream, atomically, so each moves once.
-_REDIS_DELAY = """
-local t = redis.call('TIME')
-redis.call('HSET', KEYS[1] .. ':' .. ARGV[2], unpack(ARGV, 3))
-redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[1]), ARGV[2])
+# Messages go in by a script, as many as it is given in one call (a pipeline of XADDs costs the
+# client several times more per message). Delayed entries wait in a sorted set by due time (the
+# server's clock), each one's fields in a hash beside it; consumers move those due into the
+# stream, atomically, so each moves once. ARGV: maxlen or '', the delay in ms or '', a prefix
+# for delayed entries' names, then each message's number of field names and values, and them.
+_REDIS_ADD = """
+local due, i = nil, 4
+if ARGV[2] ~= '' then
+  local t = redis.call('TIME')
+  due = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[2])
+end
+while i <= #ARGV do
+  local last = i + tonumber(ARGV[i])
+  if due then
+    redis.call('HSET', KEYS[2] .. ':' .. ARGV[3] .. i, unpack(ARGV, i + 1, last))
+    redis.call('ZADD', KEYS[2], due, ARGV[3] .. i)
+  elseif ARGV[1] ~= '' then redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, i + 1, last))
+  else redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, last)) end
+  i = last + 1
+end
 """
 _REDIS_MOVE_DUE = """
 local t = redis.call('TIME')
@@ -5018,7 +5032,6 @@ class _RedisEndpoint(BrokerEndpoint):
                 hosts, sentinel_kwargs={"socket_connect_timeout": timeouts["socket_connect_timeout"]}, **timeouts)
             self._r = sentinel.master_for(master, db=db, **timeouts, **{k: v for k, v in login.items() if v})
         await self.connecting(self._r.ping)
-        self._delay_script = self._r.register_script(_REDIS_DELAY)
         self._move_script = self._r.register_script(_REDIS_MOVE_DUE)
 
     async def disconnect(self) -> None:
@@ -5043,23 +5056,32 @@ class _RedisEndpoint(BrokerEndpoint):
 
     async def add(self, key: str, batch: list[Message], delay: float | None = None,
                   timeout: float | None = None) -> list[SendError | None]:
-        """XADD ``batch`` to the stream ``key`` (with ``delay``, into the
-        queue's delayed set) in one pipeline, then WAIT for the replicas asked
-        for; each message's error or None. On a lost connection the whole
-        batch is sent again, until the send timeout."""
+        """Add ``batch`` to the stream ``key`` (with ``delay``, to the queue's
+        delayed set) in one pipeline: a lone message by XADD, others by
+        :data:`_REDIS_ADD`, 500 a call (a script holds up the server while it
+        runs); then WAIT for the replicas asked for. Each message's error or
+        None. On a lost connection the whole batch is sent again, until the
+        send timeout."""
         what = "the message" if len(batch) == 1 else f"{len(batch)} messages"
+        lone = len(batch) == 1 and not delay
 
         async def add_all() -> list[Any]:
             pipe = self._r.pipeline(transaction=False)
-            for message in batch:
-                if delay:  # its delay in ms, a key, its fields
-                    await self._delay_script(keys=[self.delayed], client=pipe, args=[int(delay * 1000), _new_id(),
-                                             *itertools.chain.from_iterable(self._fields(message).items())])
-                else:
-                    pipe.xadd(key, self._fields(message), maxlen=self.maxlen, approximate=True)
+            if lone:
+                pipe.xadd(key, self._fields(batch[0]), maxlen=self.maxlen, approximate=True)
+            for start in range(0, 0 if lone else len(batch), 500):
+                args: list[Any] = ["" if self.maxlen is None else self.maxlen, int(delay * 1000) if delay else "",
+                                   f"{_new_id()}-"]
+                for message in batch[start:start + 500]:
+                    fields = self._fields(message)
+                    args.append(2 * len(fields))
+                    for pair in fields.items():
+                        args += pair
+                pipe.eval(_REDIS_ADD, 2, key, self.delayed, *args)
             if self.wait_replicas:
                 pipe.wait(self.wait_replicas, int(self.wait_timeout * 1000))
-            return self.replicated(await pipe.execute(raise_on_error=False), what)
+            outcomes = self.replicated(await pipe.execute(raise_on_error=False), what)
+            return outcomes if lone else [outcomes[i // 500] for i in range(len(batch))]
 
         try:
             outcomes = await self.sending(f"{what} to {key!r}", add_all, timeout)
@@ -5068,7 +5090,6 @@ class _RedisEndpoint(BrokerEndpoint):
         return [o if isinstance(o, SendError) else SendError(f"Redis at {self.where} refused the message: "
                                                               f"{self.cause(o)}") if isinstance(o, Exception) else None
                 for o in outcomes]
-
 
 
 class RedisProducer(_RedisEndpoint, PumpedReplies):
