@@ -4771,6 +4771,60 @@ class NATSProducer(_NATSEndpoint, Producer):
         return inbox
 
 
+class _NATSPull:
+    """A durable pull consumer read through an inbox of this process: one
+    pull request out at a time, for the room asked, its messages gathered by
+    a callback (nats-py's ``fetch`` waits for each message with tasks of its
+    own, which cost more than the rest of consuming it)."""
+
+    def __init__(self, endpoint: _NATSEndpoint, stream: str) -> None:
+        self.endpoint, self.stream = endpoint, stream
+        self.taken: list[Any] = []  # arrived, not fetched yet
+        self._asked, self._until, self._status = 0, 0.0, ""  # what the request out may still bring, till when
+        self._arrived = asyncio.Event()
+
+    async def start(self, subject: str, ack_wait: float, max_ack_pending: int) -> None:
+        """Make the stream and its consumer if missing; subscribe the inbox."""
+        endpoint, stream = self.endpoint, self.stream
+        await endpoint.ensure_stream(stream, subject)
+        try:
+            await endpoint._js.consumer_info(stream, stream)
+        except endpoint._js_errors.NotFoundError:
+            api = endpoint.client_module("nats.js.api")
+            await endpoint._js.add_consumer(stream, api.ConsumerConfig(
+                durable_name=stream, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
+                max_ack_pending=max_ack_pending, max_deliver=-1, filter_subject=subject))
+        self._inbox = endpoint._nc.new_inbox()
+        await endpoint._nc.subscribe(self._inbox, cb=self._on_message)
+
+    async def _on_message(self, msg: Any) -> None:
+        status = (msg.headers or {}).get("Status")
+        if status:  # the request ended: 408 expired, 409, or 503 (no such consumer)
+            self._asked, self._status = 0, status
+        else:
+            self.taken.append(msg)
+            self._asked -= 1
+        self._arrived.set()
+
+    async def fetch(self, room: int, wait: float = 1.0) -> list[Any]:
+        """What arrived, else what arrives within ``wait`` seconds (a pull
+        request for ``room`` sent first unless one is out)."""
+        if self._asked <= 0 or time.monotonic() > self._until:  # none out, or lost with a connection
+            self._asked, self._until, self._status = room, time.monotonic() + wait + 0.5, ""
+            request = json.dumps({"batch": room, "expires": int(wait * 1e9)}).encode()
+            await self.endpoint._nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.stream}", request,
+                                            reply=self._inbox)
+        if not self.taken:
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, self._until - time.monotonic())):
+                    await self._arrived.wait()
+        if self._status == "503":
+            raise self.endpoint._nats.errors.NoRespondersError
+        taken, self.taken = self.taken, []
+        return taken
+
+
 class NATSConsumer(_NATSEndpoint, PullingConsumer):
     """Consumes the queue's stream through one durable pull consumer named
     after the queue, shared by every consumer process of the queue. Up to
@@ -4793,16 +4847,9 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
         await self._open()
         # The pull batch bounds the messages in flight here; the server's max_ack_pending also
         # counts messages waiting out a retry delay, so it gets room for them beyond prefetch.
-        self._sub = await self._pull_consumer(self.stream, self.subject, self.ack_wait, self.prefetch * 10)
-        self._delay_sub = await self._pull_consumer(self.delay_stream, self.delay_subject, 30.0, -1)
-
-    async def _pull_consumer(self, stream: str, subject: str, ack_wait: float, max_ack_pending: int) -> Any:
-        """The durable pull consumer of ``stream`` named after it (both made if missing)."""
-        await self.ensure_stream(stream, subject)
-        api = self.client_module("nats.js.api")
-        config = api.ConsumerConfig(durable_name=stream, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
-                                    max_ack_pending=max_ack_pending, max_deliver=-1, filter_subject=subject)
-        return await self._js.pull_subscribe(subject, durable=stream, stream=stream, config=config)
+        self._reader, self._delay_reader = _NATSPull(self, self.stream), _NATSPull(self, self.delay_stream)
+        await self._reader.start(self.subject, self.ack_wait, self.prefetch * 10)
+        await self._delay_reader.start(self.delay_subject, 30.0, -1)
 
     def background(self) -> list[Coroutine[Any, Any, None]]:
         return [self.repeating(f"moving the delayed messages of {self.queue_name!r}", self._move_due)]
@@ -4810,10 +4857,7 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
     async def _move_due(self) -> None:
         """Publish delayed messages to the queue's stream when they are due;
         the server holds each one until then (a nak with that delay)."""
-        try:
-            msgs = await self._delay_sub.fetch(batch=100, timeout=1.0)
-        except self._nats.errors.TimeoutError:
-            return
+        msgs = await self._delay_reader.fetch(100)
         now = time.time() * 1000
         for msg in msgs:
             headers = dict(msg.headers or {})
@@ -4845,11 +4889,7 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
         return message
 
     async def fetch(self, room: int) -> list[Any]:
-        try:
-            msgs: list[Any] = await self._sub.fetch(batch=room, timeout=1.0)
-        except self._nats.errors.TimeoutError:
-            return []
-        return msgs
+        return await self._reader.fetch(room)
 
     async def extend_leases(self, messages: list[Message]) -> None:
         for message in messages:
@@ -4868,7 +4908,7 @@ class NATSConsumer(_NATSEndpoint, PullingConsumer):
         return True
 
     async def unstarted(self, raws: list[Any]) -> None:
-        for msg in raws:  # fetched, never started: back to the server now
+        for msg in [*raws, *self._reader.taken]:  # received, never started: back to the server now
             await _closing("nak", msg.nak())
 
     async def send_to(self, queue: str, message: Message) -> None:
