@@ -4234,30 +4234,57 @@ class _KafkaEndpoint(BrokerEndpoint):
 
     async def produce(self, topic: str, batch: list[Message], key: Any = None,
                       timeout: float | None = None) -> list[SendError | None]:
-        """Send records in record batches built here (aiokafka's
-        ``create_batch``: a third of the cost of a ``send()`` per record), to
-        the key's partition (as ``send()`` picks it), else each batch to the
-        next partition from a random one (so they go out in parallel); then
-        wait for the broker's acknowledgements. Each record's error or None."""
+        """Send records, then wait for the broker's acknowledgements; each
+        one's error or None. A few go into the producer's own batches, shared
+        with other sends; more go in record batches built here (a third of the
+        cost of ``send()`` per record, but a batch waits until the partition's
+        previous one left)."""
         producer = self._producer or await self._producing()
         if isinstance(key, str):
             key = key.encode()
+        pairs, errors = _KAFKA_ENVELOPE.pairs, self._errors
+        if len(batch) < 16:
+            acks = []
+            for message in batch:
+                try:
+                    acks.append(await producer.send(topic, message.data, key=key,
+                                                    headers=[(k, v.encode()) for k, v in pairs(message).items()]))
+                except errors.KafkaError as exc:
+                    acks.append(exc)
+        else:
+            acks = await self._produce_batches(producer, topic, batch, key)
+        outcomes = await self.confirmations(acks, timeout, f"the record to {topic!r}")
+        return [self._send_error(topic, message, outcome) if isinstance(outcome, errors.KafkaError) else outcome
+                for message, outcome in zip(batch, outcomes)]
+
+    async def _produce_batches(self, producer: Any, topic: str, batch: list[Message], key: bytes | None) -> list[Any]:
+        """Each record's acknowledgement (a future, or the error): in batches
+        to the key's partition (as ``send()`` picks it), else each batch to
+        the next partition from a random one, so they go out together."""
         try:
             partitions = sorted(await producer.partitions_for(topic))
             available = list(producer.client.cluster.available_partitions_for_topic(topic))
         except self._errors.KafkaError as exc:
-            return [self._send_error(topic, message, exc) for message in batch]
+            return [exc] * len(batch)
         if key is None:
             spread = available or partitions
             targets: Iterator[int] = itertools.islice(itertools.cycle(spread), random.randrange(len(spread)), None)
         else:
             targets = itertools.repeat(self._partitioner(key, partitions, available))
-        pairs, acks = _KAFKA_ENVELOPE.pairs, []
+        acks: list[Any] = []
         builder, members = producer.create_batch(), 0
+
+        async def send_batch() -> None:
+            try:
+                ack = await producer.send_batch(builder, topic, partition=next(targets))
+            except self._errors.KafkaError as exc:
+                ack = exc
+            acks.extend([ack] * members)
+
         for message in batch:
-            headers = [(k, v.encode()) for k, v in pairs(message).items()]
+            headers = [(k, v.encode()) for k, v in _KAFKA_ENVELOPE.pairs(message).items()]
             if builder.append(key=key, value=message.data, timestamp=None, headers=headers) is None:  # full
-                acks += await self._send_batch(producer, builder, topic, next(targets), members)
+                await send_batch()
                 builder, members = producer.create_batch(), 0
                 builder.append(key=key, value=message.data, timestamp=None, headers=headers)
             if not members and builder.size() > self.max_request_size:  # a batch takes a first record of any size
@@ -4266,18 +4293,8 @@ class _KafkaEndpoint(BrokerEndpoint):
                 continue
             members += 1
         if members:
-            acks += await self._send_batch(producer, builder, topic, next(targets), members)
-        outcomes, errors = await self.confirmations(acks, timeout, f"the record to {topic!r}"), self._errors
-        return [self._send_error(topic, message, outcome) if isinstance(outcome, errors.KafkaError) else outcome
-                for message, outcome in zip(batch, outcomes)]
-
-    async def _send_batch(self, producer: Any, builder: Any, topic: str, partition: int, members: int) -> list[Any]:
-        """The acknowledgement of a record batch, once for each of its ``members`` records."""
-        try:
-            ack = await producer.send_batch(builder, topic, partition=partition)
-        except self._errors.KafkaError as exc:
-            ack = exc
-        return [ack] * members
+            await send_batch()
+        return acks
 
     def _send_error(self, topic: str, message: Message, exc: BaseException) -> SendError:
         if isinstance(exc, self._errors.MessageSizeTooLargeError):
