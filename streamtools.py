@@ -4114,7 +4114,8 @@ class _KafkaEndpoint(BrokerEndpoint):
     :param partitions: partitions of the topics it creates (a topic per queue).
     :param replication_factor: replicas of the topics it creates (default:
         as many brokers as the cluster has, at most 3).
-    :param max_request_size: the largest record the producer sends, in bytes.
+    :param max_request_size: the largest record the producer sends, in bytes;
+        a record batch holds at most this much (and 256 KiB).
     :param security_protocol: ``PLAINTEXT``, ``SSL``, ``SASL_PLAINTEXT`` or ``SASL_SSL``;
         with ``ssl_context``, ``sasl_mechanism``, ``sasl_plain_username``,
         ``sasl_plain_password`` (never shown in logs or errors), as aiokafka takes them.
@@ -4211,7 +4212,7 @@ class _KafkaEndpoint(BrokerEndpoint):
             return self._producer
         async with self._producer_lock:
             if self._producer is None:
-                # A record batch holds at most max_request_size (see produce).
+                # A batch of several records never exceeds max_request_size (see _produce_batches).
                 options = {**self._client_options, "acks": "all", "max_request_size": self.max_request_size,
                            "max_batch_size": min(262144, self.max_request_size),
                            "request_timeout_ms": int(self.send_timeout * 1000)}
