@@ -4803,17 +4803,21 @@ class _NATSPull:
 
     async def start(self, subject: str, ack_wait: float, max_ack_pending: int) -> None:
         """Make the stream and its consumer if missing; subscribe the inbox."""
-        endpoint, stream = self.endpoint, self.stream
-        await endpoint.ensure_stream(stream, subject)
+        api = self.endpoint.client_module("nats.js.api")
+        self._config = api.ConsumerConfig(durable_name=self.stream, ack_policy=api.AckPolicy.EXPLICIT,
+                                          ack_wait=ack_wait, max_ack_pending=max_ack_pending, max_deliver=-1,
+                                          filter_subject=subject)
+        await self.endpoint.ensure_stream(self.stream, subject)
+        await self._ensure_consumer()
+        self._inbox = self.endpoint._nc.new_inbox()
+        await self.endpoint._nc.subscribe(self._inbox, cb=self._on_message)
+
+    async def _ensure_consumer(self) -> None:
         try:
-            await endpoint._js.consumer_info(stream, stream)
-        except endpoint._js_errors.NotFoundError:
-            api = endpoint.client_module("nats.js.api")
-            await endpoint._js.add_consumer(stream, api.ConsumerConfig(
-                durable_name=stream, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=ack_wait,
-                max_ack_pending=max_ack_pending, max_deliver=-1, filter_subject=subject))
-        self._inbox = endpoint._nc.new_inbox()
-        await endpoint._nc.subscribe(self._inbox, cb=self._on_message)
+            await self.endpoint._js.consumer_info(self.stream, self.stream)
+        except self.endpoint._js_errors.NotFoundError:
+            log.warning("JetStream consumer %r on %s is missing; making it", self.stream, self.endpoint.where)
+            await self.endpoint._js.add_consumer(self.stream, self._config)
 
     async def _on_message(self, msg: Any) -> None:
         status = (msg.headers or {}).get("Status")
@@ -4827,7 +4831,9 @@ class _NATSPull:
     async def fetch(self, room: int, wait: float = 1.0) -> list[Any]:
         """What arrived, else what arrives within ``wait`` seconds (a pull
         request for ``room`` sent first unless one is out)."""
-        if self._asked <= 0 or time.monotonic() > self._until:  # none out, or lost with a connection
+        if self._asked <= 0 or time.monotonic() > self._until:  # none out, or it vanished
+            if self._asked > 0 and not self._status:  # no 408 at its expiry: the connection or the consumer is gone
+                await self._ensure_consumer()
             self._asked, self._until, self._status = room, time.monotonic() + wait + 0.5, ""
             request = json.dumps({"batch": room, "expires": int(wait * 1e9)}).encode()
             await self.endpoint._nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.stream}", request,

@@ -2579,6 +2579,23 @@ class TestNATS:
         monkeypatch.setenv("NATS_URL", "nats://a:4222, nats://b:4223")
         assert PRODUCERS[NATS]("q").servers == ["nats://a:4222", "nats://b:4223"]
 
+    async def test_a_deleted_pull_consumer_is_made_again_and_consuming_goes_on(self, nats: Kit) -> None:
+        import nats as nats_py
+        got: list[Any] = []
+        consumer = nats.consumer()
+        consumer()(got.append)
+        await consumer.start()
+        producer = await nats.producer(consumer)
+        await producer.send("before")
+        await until(lambda: got == ["before"], what="the first message")
+        nc = await nats_py.connect(nats.options()["servers"])
+        try:  # an operator deletes the durable consumer: its pull requests get no answer at all
+            await nc.jetstream().delete_consumer(consumer.stream, consumer.stream)
+        finally:
+            await nc.close()
+        await producer.send("after")
+        await until(lambda: got == ["before", "after"], timeout=15, what="the message sent after the deletion")
+
     async def test_another_clients_messages_are_read_and_each_failure_is_kept(self, nats: Kit) -> None:
         import nats as nats_py
         got: list[Any] = []
