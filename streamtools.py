@@ -2332,7 +2332,7 @@ class BrokerEndpoint(_Endpoint):
 
     def cause(self, exc: BaseException) -> str:
         """An error's text for a message of ours, with every password of the addresses scrubbed."""
-        text = f"{type(exc).__name__}: {exc}"
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         for url in self.address.urls:
             try:
                 password = urllib.parse.urlsplit(url).password or ""
@@ -5724,6 +5724,9 @@ class _PostgresEndpoint(BrokerEndpoint):
         consumers (extended while its handler runs): a consumer that died
         gives its messages back after it.
     :param pool_size: the most connections of the pool.
+    :param query_timeout: seconds a statement of the transport may go
+        unanswered before its connection counts as lost (a dead link would
+        otherwise hold a consumer, or a send past its timeout, forever).
     Takes ``connect_timeout`` and ``send_timeout`` (see :class:`BrokerEndpoint`).
     """
 
@@ -5739,7 +5742,7 @@ class _PostgresEndpoint(BrokerEndpoint):
     refused_hint = "check the user, the password and the database of the DSN"
 
     def configure(self, *, dsn: str | None = None, schema: str = "streamtools", lease: float = 30.0,
-                  pool_size: int = 10, **options: Any) -> None:
+                  pool_size: int = 10, query_timeout: float = 10.0, **options: Any) -> None:
         super().configure(**options)
         raw = dsn or _setting("POSTGRES_URL", "") or _setting("DATABASE_URL", "") or \
             "postgresql://127.0.0.1:5432/postgres"
@@ -5749,6 +5752,7 @@ class _PostgresEndpoint(BrokerEndpoint):
         self.schema = schema
         self.lease = _number("lease", lease, float, 1.0)
         self.pool_size = _number("pool_size", pool_size, int, 1)
+        self.query_timeout = _number("query_timeout", query_timeout, float, 0.1)
         self.at = '"' + schema.replace('"', '""') + f'".{self.table}'
         self.channel = f"{schema}.{self.table}"
         self._pool: Any = None
@@ -5759,7 +5763,8 @@ class _PostgresEndpoint(BrokerEndpoint):
     async def _open(self) -> None:
         asyncpg = self.client_module()
         self._pool = await self.connecting(lambda: asyncpg.create_pool(
-            self.address.urls[0], min_size=1, max_size=self.pool_size, timeout=min(10.0, self.connect_timeout or 10.0)))
+            self.address.urls[0], min_size=1, max_size=self.pool_size, timeout=min(10.0, self.connect_timeout or 10.0),
+            command_timeout=self.query_timeout))  # asyncpg's: a cancellation alone waits for the server forever
         tables = _pg_schema(self.schema, ("messages", "outbox"))
         await self.ensure_once(self.schema, lambda: self.sending(
             f"the tables of schema {self.schema!r}", lambda: self._pool.execute(tables)))
@@ -5768,7 +5773,8 @@ class _PostgresEndpoint(BrokerEndpoint):
         """An event set whenever rows are inserted into ``queue`` (LISTEN on a connection of its own)."""
         if self._listener is None or self._listener.is_closed():
             self._listener = None
-            listener = await self.client_module().connect(self.address.urls[0], timeout=10)
+            listener = await self.client_module().connect(self.address.urls[0], timeout=10,
+                                                          command_timeout=self.query_timeout)
             await listener.add_listener(self.channel, self._notified)
             self._listener = listener
             for event in self._woken.values():  # what was inserted while nobody listened
