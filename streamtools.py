@@ -5578,9 +5578,11 @@ class SQSConsumer(_SQSEndpoint, PullingConsumer):
         return sum(self._polls.values())
 
     async def fetch(self, room: int) -> list[Any]:
-        asked = self.requested()
+        asked = out = self.requested()
         url = self._urls[self.queue_name]
-        while room - asked > 0:  # a receive takes ten at most: more at once for a larger prefetch
+        # A receive takes ten at most: more at once for a larger prefetch; while others
+        # are out, only receives of ten (one of a few costs a call as much as one of ten).
+        while room - asked >= 10 or (not out and room > asked):
             ask = min(10, room - asked)
             poll = asyncio.ensure_future(self._sqs.receive_message(
                 QueueUrl=url, MaxNumberOfMessages=ask, WaitTimeSeconds=self.wait_time, AttributeNames=["All"],
@@ -5628,26 +5630,37 @@ class SQSConsumer(_SQSEndpoint, PullingConsumer):
         return message
 
     async def acknowledge_many(self, messages: list[Message]) -> None:
-        """DeleteMessageBatch calls of ten."""
-        url = self._urls.get(self.queue_name)
-        for i in range(0, len(messages), 10):
-            part = [{"Id": str(n), "ReceiptHandle": message.raw["ReceiptHandle"]}
-                    for n, message in enumerate(messages[i:i + 10])]
+        """DeleteMessageBatch calls of ten, at once."""
+        await self._in_batches("delete_message_batch", [message.raw for message in messages], "deleting",
+                               "they will be delivered again")
+
+    async def _in_batches(self, operation: str, raws: list[dict[str, Any]], doing: str, otherwise: str,
+                          **entry: Any) -> None:
+        """A batch ``operation`` on the messages ``raws`` (``entry`` in each
+        entry), in calls of ten at once; what fails is logged."""
+        url, call = self._urls.get(self.queue_name), getattr(self._sqs, operation)
+
+        async def batch(part: list[dict[str, Any]]) -> list[Any]:
+            entries = [{"Id": str(n), "ReceiptHandle": raw["ReceiptHandle"], **entry} for n, raw in enumerate(part)]
             try:
-                failed = (await self._sqs.delete_message_batch(QueueUrl=url, Entries=part)).get("Failed") or []
-            except self.failures + self.lost as exc:  # not deleted: delivered again after the visibility timeout
-                failed = [{"Message": self.cause(exc)}] * len(part)
-            if failed:
-                log.warning("deleting %d messages of %r on %s failed (%s); they will be delivered again",
-                            len(failed), self.queue_name, self.where, failed[0].get("Message") or failed[0])
+                return (await call(QueueUrl=url, Entries=entries)).get("Failed") or []
+            except self.failures + self.lost as exc:
+                return [{"Message": self.cause(exc)}] * len(part)
+
+        failed = [f for fs in await asyncio.gather(*(batch(raws[i:i + 10]) for i in range(0, len(raws), 10)))
+                  for f in fs]
+        if failed:
+            log.warning("%s %d messages of %r on %s failed (%s); %s", doing, len(failed), self.queue_name,
+                        self.where, failed[0].get("Message") or failed[0], otherwise)
 
     async def _visible_in(self, raw: dict[str, Any], seconds: float) -> None:
         await self._sqs.change_message_visibility(QueueUrl=self._urls[self.queue_name],
                                                   ReceiptHandle=raw["ReceiptHandle"], VisibilityTimeout=int(seconds))
 
     async def extend_leases(self, messages: list[Message]) -> None:
-        for message in messages:
-            await _closing("extending a visibility timeout", self._visible_in(message.raw, self.visibility_timeout))
+        await self._in_batches("change_message_visibility_batch", [message.raw for message in messages],
+                               "extending the visibility timeout of", "another consumer may receive them meanwhile",
+                               VisibilityTimeout=self.visibility_timeout)
 
     async def hand_back(self, message: Message) -> None:
         await _closing("handing a message back", self._visible_in(message.raw, 0))
@@ -5661,8 +5674,8 @@ class SQSConsumer(_SQSEndpoint, PullingConsumer):
             with contextlib.suppress(Exception):
                 raws += (await poll).get("Messages", [])
         self._polls.clear()
-        for raw in raws:
-            await _closing("handing a message back", self._visible_in(raw, 0))
+        await self._in_batches("change_message_visibility_batch", raws, "handing back",
+                               "they come back after their visibility timeout", VisibilityTimeout=0)
 
     async def send_to(self, queue: str, message: Message) -> None:
         await self.send_one(queue, message)

@@ -3180,9 +3180,9 @@ class TestSQS:
         await until(lambda: got == ["small"], what="only the message within the limit")
 
     async def test_a_long_handler_keeps_its_message_invisible(self, sqs: Kit) -> None:
-        runs: list[str] = []
-        first = sqs.consumer(visibility_timeout=2)
-        second = sqs.consumer(visibility_timeout=2)
+        runs: list[int] = []
+        first = sqs.consumer(visibility_timeout=2, prefetch=12)
+        second = sqs.consumer(visibility_timeout=2, prefetch=12)
 
         async def slow(msg: Any) -> None:
             runs.append(msg)
@@ -3192,10 +3192,10 @@ class TestSQS:
         second()(slow)
         await first.start()
         await second.start()
-        await (await sqs.producer()).send("long")
-        await until(lambda: runs, what="the first run")
+        await (await sqs.producer()).send_many(list(range(12)))  # extended in batch calls of ten and two
+        await until(lambda: len(runs) == 12, what="the first runs")
         await asyncio.sleep(6)
-        assert runs == ["long"]
+        assert sorted(runs) == list(range(12))
 
     async def test_stop_makes_unfinished_messages_visible_at_once(self, sqs: Kit) -> None:
         release = asyncio.Event()
