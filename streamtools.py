@@ -619,7 +619,7 @@ class _Unreadable(Exception):
 
 class _Envelope:
     """How a message's envelope travels in key/value headers (Kafka, NATS,
-    Redis, HTTP, SQS, PostgreSQL): its content type, id, correlation id and
+    Redis, HTTP, SQS): its content type, id, correlation id and
     reply-to under the transport's names (matched without regard to case, as
     other clients spell them), beside the message's own headers, whose values
     keep their types: a value that is not a string travels as JSON text, named
@@ -5699,8 +5699,7 @@ class SQSConsumer(_SQSEndpoint, PullingConsumer):
 # Transports: PostgreSQL ######################################################
 ###############################################################################
 
-#: The envelope in a row's columns; the headers are one JSON object.
-_PG_ENVELOPE = _Envelope("content_type", "message_id", "correlation_id", "reply_to", nested="headers")
+#: The envelope is a row's columns; the headers are one JSON object.
 _PG_COLUMNS = "id, attempt, content_type, message_id, correlation_id, reply_to, headers::text AS headers, body"
 
 
@@ -5725,6 +5724,13 @@ def _pg_schema(schema: str, tables: Sequence[str]) -> str:
             f"'{s}.{table}'::regclass) THEN CREATE TRIGGER notify AFTER INSERT ON {s}.{table} REFERENCING NEW "
             f"TABLE AS new FOR EACH STATEMENT EXECUTE FUNCTION {s}.notify(); END IF; END $$;")
     return "\n".join(ddl)
+
+
+async def _pg_keep_session(_connection: Any) -> None:
+    """The pool's reset: nothing to undo. The pool runs single statements of
+    the transport only (no LISTEN, session lock or setting), so asyncpg's
+    default reset query is a round trip per statement for nothing; asyncpg
+    still rolls back a transaction left open before calling this."""
 
 
 class _PostgresEndpoint(BrokerEndpoint):
@@ -5777,7 +5783,8 @@ class _PostgresEndpoint(BrokerEndpoint):
         asyncpg = self.client_module()
         self._pool = await self.connecting(lambda: asyncpg.create_pool(
             self.address.urls[0], min_size=1, max_size=self.pool_size, timeout=min(10.0, self.connect_timeout or 10.0),
-            command_timeout=self.query_timeout))  # asyncpg's: a cancellation alone waits for the server forever
+            command_timeout=self.query_timeout,  # asyncpg's: a cancellation alone waits for the server forever
+            reset=_pg_keep_session))
         tables = _pg_schema(self.schema, ("messages", "outbox"))
         await self.ensure_once(self.schema, lambda: self.sending(
             f"the tables of schema {self.schema!r}", lambda: self._pool.execute(tables)))
@@ -5817,9 +5824,8 @@ class _PostgresEndpoint(BrokerEndpoint):
 
     @staticmethod
     def row(message: Message) -> tuple[Any, ...]:
-        pairs = _PG_ENVELOPE.pairs(message)
-        return (pairs["content_type"], pairs["message_id"], pairs.get("correlation_id"), pairs.get("reply_to"),
-                pairs.get("headers"), message.data)
+        return (message.content_type, message.id, message.correlation_id or None, message.reply_to or None,
+                _json_encode(message.headers) if message.headers else None, message.data)
 
     async def insert(self, queue: str, messages: list[Message], delay: float | None = None,
                      timeout: float | None = None, connection: Any = None) -> None:
@@ -5871,12 +5877,17 @@ class _PostgresEndpoint(BrokerEndpoint):
 
 
 def _pg_message(row: Any, queue: str) -> Message:
-    message = Message(data=bytes(row["body"]), queue=queue, raw=row["id"], attempt=max(1, row["attempt"]))
-    pairs = [(key, row[key]) for key in ("content_type", "message_id", "correlation_id", "reply_to", "headers")
-             if row[key] is not None]
-    _PG_ENVELOPE.into(message, pairs, lambda: f"row {row['id']} of {queue!r}")
-    message.id = message.id or str(row["id"])
-    message.redelivered = message.attempt > 1
+    """The message of a row whose first columns are ``_PG_COLUMNS`` (read by position: the cheapest)."""
+    key, attempt, content_type, message_id, correlation_id, reply_to, headers, body = row[:8]
+    message = Message(data=body, content_type=content_type or BINARY, id=message_id or str(key), queue=queue,
+                      correlation_id=correlation_id, reply_to=reply_to, attempt=max(1, attempt),
+                      redelivered=attempt > 1, raw=key)
+    if headers is not None:
+        message.headers = _json_decode(headers)
+        if type(message.headers) is not dict:  # another client's row
+            message.headers = {"x-original-headers": headers}
+            raise _Unreadable(message, f"row {key} of {queue!r} has an unreadable envelope: its headers "
+                              "field is not a JSON object")
     return message
 
 
@@ -6075,7 +6086,7 @@ class OutboxRelay(PostgresConsumer):
             f"UPDATE {self.at} m SET visible_at = now() + make_interval(secs => $3), attempt = m.attempt + 1 "
             f"FROM (SELECT id FROM {self.at} WHERE (transport, queue) IN (SELECT * FROM unnest($1::text[], "
             "$2::text[])) AND visible_at <= now() ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED) c WHERE m.id = c.id "
-            f"RETURNING m.transport, {_PG_COLUMNS.replace('id,', 'm.id,', 1)}, m.queue",
+            f"RETURNING {_PG_COLUMNS.replace('id,', 'm.id,', 1)}, m.transport, m.queue",
             [t for t, _ in owned], [q for _, q in owned], self.lease, room) if owned else []
         if not rows:
             await self.wait_for("*", self.poll)
