@@ -5700,6 +5700,8 @@ class SQSConsumer(_SQSEndpoint, PullingConsumer):
 ###############################################################################
 
 #: The envelope is a row's columns; the headers are one JSON object.
+_PG_ROW = (("content_type", "text"), ("message_id", "text"), ("correlation_id", "text"), ("reply_to", "text"),
+           ("headers", "jsonb"), ("body", "bytea"))
 _PG_COLUMNS = "id, attempt, content_type, message_id, correlation_id, reply_to, headers::text AS headers, body"
 
 
@@ -5753,6 +5755,8 @@ class _PostgresEndpoint(BrokerEndpoint):
     address_option = "dsn"
     broker = "PostgreSQL"
     table = "messages"
+    #: Columns written before the queue, of the values in ``extra``.
+    extra_columns: tuple[str, ...] = ()
     lost_errors = ("builtins.OSError", "asyncpg.exceptions.PostgresConnectionError",
                    "asyncpg.exceptions.OperatorInterventionError", "asyncpg.exceptions.InterfaceError")
     refused_errors = ("asyncpg.exceptions.InvalidAuthorizationSpecificationError",
@@ -5777,7 +5781,8 @@ class _PostgresEndpoint(BrokerEndpoint):
         self._pool: Any = None
         self._listener: Any = None
         self._woken: dict[str, asyncio.Event] = {}
-        self.extra: tuple[Any, ...] = ()  # more columns' values (the outbox's transport)
+        self.extra: tuple[Any, ...] = ()  # the values of extra_columns
+        self._inserts: dict[tuple[tuple[int, ...], bool], str] = {}
 
     async def _open(self) -> None:
         asyncpg = self.client_module()
@@ -5814,28 +5819,42 @@ class _PostgresEndpoint(BrokerEndpoint):
         if pool is not None:
             await _closing(f"closing the PostgreSQL pool of {self.where}", pool.close())
 
-    def insert_sql(self, count: int = 1) -> str:
-        if count == 1:
-            return (f"INSERT INTO {self.at} (queue, visible_at, content_type, message_id, correlation_id, reply_to, "
-                    "headers, body) VALUES ($1, now() + make_interval(secs => $2), $3, $4, $5, $6, $7::jsonb, $8)")
-        return (f"INSERT INTO {self.at} (queue, visible_at, content_type, message_id, correlation_id, reply_to, "
-                "headers, body) SELECT $1, now() + make_interval(secs => $2), * FROM unnest($3::text[], $4::text[], "
-                "$5::text[], $6::text[], $7::jsonb[], $8::bytea[])")
+    def insert_sql(self, columns: tuple[int, ...] = (0, 1, 2, 3, 4, 5), many: bool = False) -> str:
+        """An insert of the :meth:`row` values at ``columns`` (the other columns
+        null): ``$1``.. the ``extra`` values, then the queue, the delay, and a
+        row's values, or with ``many`` an array of each column's values."""
+        sql = self._inserts.get((columns, many))
+        if sql is None:
+            extra = len(self.extra_columns)
+            names = ", ".join((*self.extra_columns, "queue", "visible_at", *(_PG_ROW[i][0] for i in columns)))
+            fixed = ", ".join((*(f"${n}" for n in range(1, extra + 1)),
+                               f"${extra + 1}", f"now() + make_interval(secs => ${extra + 2})"))
+            typed = [f"${n}::{_PG_ROW[i][1]}{'[]' if many else ''}" for n, i in enumerate(columns, extra + 3)]
+            source = f"SELECT {fixed}, * FROM unnest({', '.join(typed)})" if many else \
+                f"VALUES ({fixed}, {', '.join(typed)})"
+            sql = self._inserts[columns, many] = f"INSERT INTO {self.at} ({names}) {source}"
+        return sql
 
     @staticmethod
     def row(message: Message) -> tuple[Any, ...]:
+        """The values of ``_PG_ROW`` for ``message``; None where it has none."""
         return (message.content_type, message.id, message.correlation_id or None, message.reply_to or None,
                 _json_encode(message.headers) if message.headers else None, message.data)
 
     async def insert(self, queue: str, messages: list[Message], delay: float | None = None,
                      timeout: float | None = None, connection: Any = None) -> None:
         """Store ``messages`` in ``queue`` in one statement: in ``connection``'s
-        transaction when given (seen by consumers once it commits), else on the pool, retried."""
+        transaction when given (seen by consumers once it commits), else on the pool, retried.
+        A column null in every row is left out (each array costs asyncpg a check per value)."""
         rows = [self.row(message) for message in messages]
         if len(rows) == 1:
-            sql, args = self.insert_sql(), (queue, delay or 0.0, *rows[0], *self.extra)
+            columns = tuple(i for i, value in enumerate(rows[0]) if value is not None)
+            values: list[Any] = [rows[0][i] for i in columns]
         else:
-            sql, args = self.insert_sql(len(rows)), (queue, delay or 0.0, *map(list, zip(*rows)), *self.extra)
+            arrays = list(zip(*rows))
+            columns = tuple(i for i, array in enumerate(arrays) if array.count(None) < len(array))
+            values = [list(arrays[i]) for i in columns]
+        sql, args = self.insert_sql(columns, len(rows) > 1), (*self.extra, queue, delay or 0.0, *values)
         what = f"the message to {queue!r}" if len(rows) == 1 else f"{len(rows)} messages to {queue!r}"
         if connection is None:
             await self.sending(what, lambda: self._pool.execute(sql, *args), timeout)
@@ -6010,15 +6029,12 @@ class OutboxProducer(PostgresProducer):
     :class:`OutboxRelay` forwards them. Made by :meth:`Outbox.producer`."""
 
     table = "outbox"
+    extra_columns = ("transport",)
 
     def configure(self, *, target: str = MEMORY, **options: Any) -> None:
         super().configure(**options)
         self.target = PRODUCERS.canonical(target)
         self.extra = (self.target,)
-
-    def insert_sql(self, count: int = 1) -> str:
-        sql = super().insert_sql(count).replace("(queue,", "(transport, queue,", 1)
-        return sql.replace("VALUES ($1", "VALUES ($9, $1", 1).replace("SELECT $1", "SELECT $9, $1", 1)
 
     async def listen_for_replies(self) -> str:
         raise ConfigError("an outbox producer sends and forgets: request() needs the target transport's producer")

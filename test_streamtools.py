@@ -805,6 +805,21 @@ class TestContract:
         assert seen[0].headers["X-Tenant"] == "acme"
         assert seen[0].content_type.startswith("text/plain")
 
+    async def test_the_sends_of_one_turn_keep_each_its_own_envelope(self, kit: Kit) -> None:
+        seen: dict[int, streamtools.Message] = {}
+        consumer = kit.consumer()
+        consumer()(lambda msg: seen.update({msg: current_message()}))
+        await consumer.start()
+        producer = await kit.producer(consumer)
+        await asyncio.gather(*(producer.send(i, headers={"n": i} if i % 3 == 0 else None,
+                                             message_id=f"m-{i}" if i % 2 else None) for i in range(12)))
+        await until(lambda: len(seen) == 12, what="the twelve messages of one turn")
+        for i, message in seen.items():
+            assert message.headers.get("n") == (i if i % 3 == 0 else None), (i, message.headers)
+            given = f"m-{i}" if i % 2 else None
+            assert message.id == given if given else message.id and not message.id.startswith("m-"), (i, message.id)
+        assert len({message.id for message in seen.values()}) == 12
+
     async def test_request_reply(self, kit: Kit) -> None:
         consumer = kit.consumer()
 
