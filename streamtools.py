@@ -1588,10 +1588,13 @@ class Producer(_Endpoint):
         timer: a lone send goes at once); each caller gets its own result or error."""
         key = (timeout, *sorted(flags.items()))
         batch = self._turn.get(key)
+        loop = asyncio.get_running_loop()
         if batch is not None:
-            future = asyncio.get_running_loop().create_future()
+            future = loop.create_future()
             batch.append((message, future))
             return await future
+        if not getattr(loop, "_ready", True):  # asyncio's queue of what runs this turn is empty: no one can join
+            return await self.publish(message, timeout, **flags)
         batch = self._turn[key] = []
         try:
             await asyncio.sleep(0)  # the other sends of this turn run now, and join the batch

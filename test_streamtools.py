@@ -2754,6 +2754,32 @@ class TestRedis:
         with pytest.raises(streamtools.ConfigError, match="maxlen must be at least 1"):
             PRODUCERS[REDIS]("q", maxlen=0)
 
+    async def test_concurrent_sends_go_in_one_batch_and_a_lone_send_at_once(self, redis_kit: Kit) -> None:
+        import redis.asyncio
+        calls: list[int] = []
+
+        class Counting(streamtools.RedisProducer):  # the real transport, its two wire calls counted
+            async def publish(self, message: Any, timeout: Any, **flags: Any) -> None:
+                calls.append(1)
+                await super().publish(message, timeout, **flags)
+
+            async def publish_many(self, batch: list[Any], timeout: Any, **flags: Any) -> list[Any]:
+                calls.append(len(batch))
+                return await super().publish_many(batch, timeout, **flags)
+
+        async with Counting(redis_kit.queue, **redis_kit.options()) as producer:
+            await asyncio.gather(*(producer.send(i) for i in range(200)))
+            assert calls == [200]  # one turn's sends: one script call, not a round trip each
+            for i in range(5):
+                await producer.send(i)
+            assert calls == [200, 1, 1, 1, 1, 1]  # published directly, without waiting a turn for others
+        r = redis.asyncio.Redis.from_url(redis_kit.options()["url"])
+        try:
+            assert await r.xlen(f"streamtools:{redis_kit.queue}") == 205
+        finally:
+            await r.delete(f"streamtools:{redis_kit.queue}")
+            await r.aclose()
+
     async def test_another_clients_entries_arrive_with_their_fields(self, redis_kit: Kit) -> None:
         import redis.asyncio
         got: list[tuple[Any, str]] = []

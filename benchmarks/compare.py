@@ -1005,10 +1005,15 @@ async def main(argv: list[str] | None = None) -> int:
                      "raw redis-py", b, 1.0)
     if args.which in ("sqs", "all"):
         msgs = messages(1_000)  # moto takes some hundreds of messages a second
-        with sqs_server(args.sqs):
-            a, b = await compare([(lambda: streamtools_sqs(msgs), lambda: raw_sqs(msgs))], min(args.rounds, 3))
-        ok &= report("sqs: 1,000 messages, SendMessageBatch -> ReceiveMessage -> DeleteMessageBatch (moto)",
-                     "streamtools SQS", a, "raw aiobotocore", b, 1.0)
+        try:
+            with sqs_server(args.sqs):
+                a, b = await compare([(lambda: streamtools_sqs(msgs), lambda: raw_sqs(msgs))], min(args.rounds, 3))
+        except streamtools.SendError as exc:  # moto slower than the send timeout: the other rows still run
+            print(f"sqs: did not finish: {exc}\n")
+            ok = False
+        else:
+            ok &= report("sqs: 1,000 messages, SendMessageBatch -> ReceiveMessage -> DeleteMessageBatch (moto)",
+                         "streamtools SQS", a, "raw aiobotocore", b, 1.0)
     if args.which in ("postgres", "all"):
         POSTGRES["dsn"] = args.postgres
         msgs = messages(20_000)
