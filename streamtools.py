@@ -1585,7 +1585,8 @@ class Producer(_Endpoint):
         """Publish ``message`` with the other sends of this turn of the event
         loop, in one :meth:`publish_many`: the first send of a turn yields
         once, so the others join its batch, then publishes them all (no
-        timer: a lone send goes at once); each caller gets its own result or error."""
+        timer; a send with nothing else ready to run goes at once); each
+        caller gets its own result or error."""
         key = (timeout, *sorted(flags.items()))
         batch = self._turn.get(key)
         loop = asyncio.get_running_loop()
