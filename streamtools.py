@@ -4836,8 +4836,8 @@ class _NATSPull:
         """What arrived, else what arrives within ``wait`` seconds (a pull
         request for ``room`` sent first unless one is out)."""
         if self._asked <= 0 or time.monotonic() > self._until:  # none out, or it vanished
-            if self._asked > 0 and not self._status:  # no 408 at its expiry: the connection or the consumer is gone
-                await self._ensure_consumer()
+            if (self._asked > 0 and not self._status) or self._status == "503":
+                await self._ensure_consumer()  # no 408 at its expiry, or no responders: the consumer may be gone
             self._asked, self._until, self._status = room, time.monotonic() + wait + 0.5, ""
             request = json.dumps({"batch": room, "expires": int(wait * 1e9)}).encode()
             await self.endpoint._nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{self.stream}", request,

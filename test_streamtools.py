@@ -2611,6 +2611,33 @@ class TestNATS:
         await producer.send("after")
         await until(lambda: got == ["before", "after"], timeout=15, what="the message sent after the deletion")
 
+    async def test_a_consumer_deleted_while_no_pull_is_out_is_made_again(self, nats: Kit,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+        import nats as nats_py
+        got: list[Any] = []
+        release = asyncio.Event()
+        consumer = nats.consumer(prefetch=1)
+
+        @consumer()
+        async def handle(msg: Any) -> None:
+            if msg == "first" and not got:
+                await release.wait()  # prefetch 1 taken: no pull request is out meanwhile
+            got.append(msg)
+
+        await consumer.start()
+        producer = await nats.producer(consumer)
+        await producer.send("first")
+        await asyncio.sleep(1.0)
+        nc = await nats_py.connect(nats.options()["servers"])
+        try:
+            await nc.jetstream().delete_consumer(consumer.stream, consumer.stream)
+        finally:
+            await nc.close()
+        release.set()  # the next pull request goes to a consumer that no longer exists
+        await producer.send("second")
+        await until(lambda: "second" in got, timeout=15, what="the message sent after the deletion")
+        assert "is missing; making it" in caplog.text
+
     async def test_another_clients_messages_are_read_and_each_failure_is_kept(self, nats: Kit) -> None:
         import nats as nats_py
         got: list[Any] = []
