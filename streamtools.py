@@ -2019,7 +2019,8 @@ class Consumer(_Endpoint):
 
     async def _deliver_in(self, task: asyncio.Task[Any], message: Message, key: str = "",
                           decoded: bool = False) -> None:
-        """:meth:`deliver` in ``task``, which a worker knows without asking."""
+        """:meth:`deliver` in ``task`` (a worker knows it without asking): take
+        a slot, drop a request nobody waits for, decode, then the attempts."""
         active = self._active  # the messages in flight: their count is the prefetch bound
         if len(active) >= self.prefetch:
             await self._free_slot()
@@ -2035,33 +2036,38 @@ class Consumer(_Endpoint):
                     message.body = (_decoders.get(content_type) or _decoder(content_type))(message.data)
                 except (ValueError, LookupError) as exc:
                     return await self._unreadable(message, DecodeError(f"body is not valid {content_type}: {exc}"))
-            handler = self._handlers[key][1]
-            while True:
-                token = _current.set(message)
-                tokens: list[Any] = []
-                began = time.perf_counter() if hooks else 0.0
-                try:
-                    if hooks:
-                        _before_handling(hooks, message, tokens)
-                    result = await handler(message.body)
-                except asyncio.CancelledError:  # the drain timed out: hand the message back
-                    await self.requeue(message)
-                    raise
-                except Exception as exc:
-                    if await self._failed(message, exc, hooks, tokens, began):
-                        continue
-                    return
-                finally:
-                    _current.reset(token)
-                if message.reply_to is not None or self.acks or hooks:
-                    await self._done(message, result, hooks, tokens, began)
-                return
+            await self._attempts(message, self._handlers[key][1], hooks)
         finally:
             active.discard(task)
             if self._slot_waiters:
                 waiter = self._slot_waiters.popleft()
                 if not waiter.done():
                     waiter.set_result(None)
+
+    async def _attempts(self, message: Message, handler: Callable[[Any], Awaitable[Any]],
+                        hooks: list[Hook] | None) -> None:
+        """Run ``handler`` on the decoded message until an attempt settles it:
+        done (replied, acknowledged), held on the broker for a retry, or given up."""
+        while True:
+            token = _current.set(message)
+            tokens: list[Any] = []
+            began = time.perf_counter() if hooks else 0.0
+            try:
+                if hooks:
+                    _before_handling(hooks, message, tokens)
+                result = await handler(message.body)
+            except asyncio.CancelledError:  # the drain timed out: hand the message back
+                await self.requeue(message)
+                raise
+            except Exception as exc:
+                if await self._failed(message, exc, hooks, tokens, began):
+                    continue
+                return
+            finally:
+                _current.reset(token)
+            if message.reply_to is not None or self.acks or hooks:
+                await self._done(message, result, hooks, tokens, began)
+            return
 
     async def _done(self, message: Message, result: Any, hooks: list[Hook] | None, tokens: list[Any],
                     began: float) -> None:
