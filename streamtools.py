@@ -5386,6 +5386,8 @@ class _SQSEndpoint(BrokerEndpoint):
     :param visibility_timeout: seconds a received message stays invisible to
         other consumers (extended while its handler runs); queues are created with it.
     :param wait_time: seconds a receive waits for messages (SQS long polling, at most 20).
+    :param pool_size: the most HTTP connections to SQS; else 20, or 10 more than a
+        consumer's concurrent receives (``prefetch`` / 10), whichever is more.
     Credentials come from botocore's standard chain (never shown). Takes
     ``connect_timeout`` and ``send_timeout`` (see :class:`BrokerEndpoint`).
     """
@@ -5401,7 +5403,8 @@ class _SQSEndpoint(BrokerEndpoint):
     refused_hint = "check the AWS credentials (botocore's chain: AWS_ACCESS_KEY_ID, a profile, a role...)"
 
     def configure(self, *, endpoint_url: str | None = None, region: str | None = None,
-                  visibility_timeout: float = 30.0, wait_time: float = 5.0, **options: Any) -> None:
+                  visibility_timeout: float = 30.0, wait_time: float = 5.0, pool_size: int | None = None,
+                  **options: Any) -> None:
         super().configure(**options)
         self.region = region or _setting("AWS_REGION", "") or _setting("AWS_DEFAULT_REGION", "us-east-1")
         endpoint = endpoint_url or os.environ.get("SQS_ENDPOINT_URL")
@@ -5410,6 +5413,7 @@ class _SQSEndpoint(BrokerEndpoint):
                                   ("http", "https"), {"http": 80, "https": 443})
         self.visibility_timeout = _number("visibility_timeout", visibility_timeout, int, 0, 43200)
         self.wait_time = _number("wait_time", wait_time, int, 0, 20)
+        self.pool_size = _number("pool_size", pool_size, int, 1) if pool_size is not None else None
         self.sqs_queue = _sqs_name(self.queue_name)
         self._urls: dict[str, str] = {}
         self._sqs: Any = None
@@ -5417,7 +5421,7 @@ class _SQSEndpoint(BrokerEndpoint):
     async def _open(self) -> None:
         config = importlib.import_module("aiobotocore.config").AioConfig(
             retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=min(10.0, self.connect_timeout or 10.0),
-            read_timeout=self.wait_time + 30, max_pool_connections=max(20, getattr(self, "prefetch", 0) // 10 + 10))
+            read_timeout=self.wait_time + 30, max_pool_connections=self.pool_size or max(20, getattr(self, "prefetch", 0) // 10 + 10))
         session = importlib.import_module("aiobotocore.session").get_session()
         self._client_context = session.create_client("sqs", region_name=self.region, endpoint_url=self.endpoint_url,
                                                      config=config)

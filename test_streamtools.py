@@ -3308,6 +3308,18 @@ class TestSQS:
         await consumer.start()
         await until(lambda: most >= 21, timeout=25, what="more than two receives' worth of handlers at once")
 
+    async def test_pool_size_bounds_the_connections_and_every_message_arrives(self, sqs: Kit) -> None:
+        with pytest.raises(streamtools.ConfigError, match="pool_size must be at least 1, got 0"):
+            streamtools.SQSProducer(sqs.queue, pool_size=0, **sqs.options())
+        producer = await sqs.producer(pool_size=2)
+        assert producer._sqs.meta.config.max_pool_connections == 2  # type: ignore[attr-defined]
+        await producer.send_many(list(range(40)))  # four batch calls of ten, on two connections
+        got: list[Any] = []
+        consumer = sqs.consumer(pool_size=2, prefetch=20)
+        consumer()(got.append)
+        await consumer.start()
+        await until(lambda: sorted(got) == list(range(40)), timeout=30, what="the 40 messages")
+
     async def test_the_reply_queue_is_deleted_on_close(self, sqs: Kit) -> None:
         consumer = sqs.consumer()
         consumer()(lambda msg: msg * 2)
