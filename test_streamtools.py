@@ -822,6 +822,24 @@ class TestContract:
                 assert message.id and not message.id.startswith("m-"), (i, message.id)
         assert len({message.id for message in seen.values()}) == 12
 
+    async def test_senders_cancelled_in_a_turn_do_not_lose_the_others_messages(self, kit: Kit) -> None:
+        if not PRODUCERS[kit.kind].pipelined:
+            pytest.skip("this transport sends each message on its own, not a turn's sends together")
+        got: list[Any] = []
+        consumer = kit.consumer()
+        consumer()(got.append)
+        await consumer.start()
+        producer = await kit.producer(consumer)
+        sends = [asyncio.ensure_future(producer.send(i)) for i in range(10)]
+        await asyncio.sleep(0)  # the first send opened the turn's batch, the other nine joined it
+        sends[0].cancel()  # the one that would publish the batch
+        sends[5].cancel()  # one waiting for the batch's result
+        results = await asyncio.gather(*sends, return_exceptions=True)
+        assert [type(r) for r in results] == [asyncio.CancelledError, *[type(None)] * 4,
+                                              asyncio.CancelledError, *[type(None)] * 4]
+        # The others were confirmed, so they are on the broker; the cancelled joiner's went with them.
+        await until(lambda: set(range(1, 10)) <= set(got), what="the messages of the senders still waiting")
+
     async def test_request_reply(self, kit: Kit) -> None:
         consumer = kit.consumer()
 

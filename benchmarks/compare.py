@@ -55,6 +55,7 @@ to the answer, HTTP), under the run's full load, so queueing included.
 - postgres: 20,000 such messages, insert -> FOR UPDATE SKIP LOCKED claim ->
   delete, against raw asyncpg doing the same: inserts of 500 rows in one
   statement plus NOTIFY, claims of 500 under a lease, a delete per claim.
+  Then the same with streamtools sending send_many() of 500 (no sending tasks).
   Then the outbox relay forwarding 20,000 messages to RabbitMQ, beside
   sending them to RabbitMQ directly.
 - lone: 2,000 sends one after the other on Redis, NATS and PostgreSQL, with
@@ -221,10 +222,11 @@ async def raw_aio_pika(msgs: list[dict[str, Any]]) -> float:
 
 
 async def streamtools_batches(kind: str, msgs: list[dict[str, Any]], options: dict[str, Any],
-                              prefetch: int = 500, **consumer_options: Any) -> float:
+                              prefetch: int = 500, many: bool = False, **consumer_options: Any) -> float:
     """The streamtools side of a broker row: 500 tasks each sending its share,
     one send() after the other (as 500 handlers sending would; the producer
-    batches each turn's sends), a consumer with prefetch 500, end to end."""
+    batches each turn's sends), or with ``many`` send_many() of 500 at a time,
+    a consumer with prefetch 500, end to end."""
     name = f"bench-st-{uuid.uuid4().hex[:8]}"
     consumer = streamtools.CONSUMERS[kind](name, prefetch=prefetch, **consumer_options, **options)
     done = counting(consumer, len(msgs))
@@ -237,7 +239,12 @@ async def streamtools_batches(kind: str, msgs: list[dict[str, Any]], options: di
                 await producer.send(m)
 
         started = time.perf_counter()
-        await asyncio.gather(*(sender(msgs[k::500]) for k in range(500)))
+        if many:
+            for start in range(0, len(msgs), 500):
+                sending(msgs[start:start + 500])
+                await producer.send_many(msgs[start:start + 500])
+        else:
+            await asyncio.gather(*(sender(msgs[k::500]) for k in range(500)))
         await done.wait()
         rate = len(msgs) / (time.perf_counter() - started)
     await consumer.delete_queues()
@@ -708,8 +715,8 @@ async def raw_asyncpg(msgs: list[dict[str, Any]]) -> float:
         await pool.close()
 
 
-async def streamtools_postgres(msgs: list[dict[str, Any]]) -> float:
-    return await streamtools_batches("postgres", msgs, POSTGRES)
+async def streamtools_postgres(msgs: list[dict[str, Any]], many: bool = False) -> float:
+    return await streamtools_batches("postgres", msgs, POSTGRES, many=many)
 
 
 async def relay_to_rabbitmq(msgs: list[dict[str, Any]]) -> float:
@@ -1023,6 +1030,9 @@ async def main(argv: list[str] | None = None) -> int:
         a, b = await compare([(lambda: streamtools_postgres(msgs), lambda: raw_asyncpg(msgs))], args.rounds)
         ok &= report("postgres: 20,000 messages, insert -> SKIP LOCKED claim -> delete", "streamtools PostgreSQL",
                      a, "raw asyncpg", b, 1.0)
+        a, b = await compare([(lambda: streamtools_postgres(msgs, many=True), lambda: raw_asyncpg(msgs))], args.rounds)
+        report("postgres: the same, streamtools sending with send_many() of 500 as the raw side inserts",
+               "streamtools PostgreSQL", a, "raw asyncpg", b, 0.0)
         a, b = await compare([(lambda: relay_to_rabbitmq(msgs), lambda: direct_to_rabbitmq(msgs))], args.rounds)
         report("outbox relay to RabbitMQ: 20,000 messages from the outbox to a consumer",
                "OutboxRelay -> RabbitMQ", a, "streamtools RabbitMQ, sent directly", b, 0.0)
