@@ -1588,7 +1588,7 @@ class Producer(_Endpoint):
         once, so the others join its batch, then publishes them all (no
         timer; a send with nothing else ready to run goes at once); each
         caller gets its own result or error. A send that joins awaits a bare
-        future: no coroutine of its own (a sixth of the send's cost)."""
+        future: no coroutine of its own (a quarter of the send's cost)."""
         key = (timeout, *sorted(flags.items())) if flags else (timeout,)
         batch = self._turn.get(key)
         if batch is not None:
